@@ -285,3 +285,67 @@ def test_reuse_suffix_prefix_sharded_matches_full_evaluation(model_dir, loaded):
     on = gcg.run_gcg(model, tok, BEHAVIOR, TARGET, cfg, seed=3, mesh=mesh)
     np.testing.assert_allclose(on.losses, off.losses, rtol=1e-4, atol=1e-4)
     assert on.strings == off.strings
+
+
+def test_sorted_candidate_losses_equal_full_evaluation(loaded):
+    """Run-time suffix-prefix reuse (random positions): candidates sorted by first differing
+    position, each chunk skipping the longest static level it shares — same losses and flags,
+    returned in the original candidate order."""
+    model, tok = loaded
+    prob = gcg._prepare(ChatRenderer(tok), BEHAVIOR, TARGET, CFG, 0)
+    pre_ids, pre_mask, lay, r_len = gcg._host_arrays([prob], 0, CFG)
+    graphdef, state = nnx.split(model)
+    caches = gcg._batched_prefix((state,), pre_ids, pre_mask, graphdef=graphdef, rest_len=r_len)
+    cache = jax.tree.map(lambda x: x[0], caches)
+    layout = jax.tree.map(lambda x: jnp.asarray(x[0]), lay)
+    s = len(prob.slots.suffix_ids)
+    assert gcg.reuse_levels(s, 4) == tuple(i * s // 4 for i in range(4))
+    allowed = allowed_token_mask(tok, model.cfg.vocab_size)
+    ids = jnp.asarray(prob.slots.suffix_ids, jnp.int32)
+    grad = jnp.asarray(np.random.default_rng(2).normal(size=(s, model.cfg.vocab_size)), jnp.float32)
+    for n_replace, n_levels, chunk in [(1, 4, 4), (2, 3, 8), (1, s, 2)]:
+        w = 32
+        cand = gcg.sample_candidates(
+            jax.random.key(n_levels), ids, grad, jnp.asarray(allowed), width=w, topk=8,
+            n_replace=n_replace,
+        )  # fmt: skip
+        # a candidate equal to the current suffix (no differing position)
+        cand = cand.at[0].set(ids)
+        levels = gcg.reuse_levels(s, n_levels)
+        ref, ref_hit = gcg.candidate_losses(graphdef, (state,), cache, cand, layout, chunk=chunk)
+        got, got_hit = jax.jit(
+            lambda c, lv=levels, ch=chunk: gcg.sorted_candidate_losses(
+                graphdef, (state,), cache, ids, c, layout, chunk=ch, levels=lv
+            )
+        )(cand)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(got_hit), np.asarray(ref_hit))
+    with pytest.raises(ValueError, match="must start at 0"):
+        gcg.sorted_candidate_losses(
+            graphdef, (state,), cache, ids, cand, layout, chunk=4, levels=(1, 2)
+        )  # fmt: skip
+
+
+def test_random_position_reuse_run_matches_full_evaluation(loaded):
+    """nanoGCG-style random positions: a run with run-time reuse equals one without."""
+    model, tok = loaded
+    cfg = CFG.replace(num_steps=5, search_width=32, batch_size=4, reuse_levels=4)
+    on = gcg.run_gcg(model, tok, BEHAVIOR, TARGET, cfg.replace(reuse_suffix_prefix=True), seed=5)
+    off = gcg.run_gcg(model, tok, BEHAVIOR, TARGET, cfg.replace(reuse_suffix_prefix=False), seed=5)
+    spec = gcg._step_spec(cfg, 100, None, suffix_len=len(on.best_ids))
+    assert spec.levels is not None and spec.chunk == 4
+    assert gcg._step_spec(cfg, 100, None, suffix_len=4, n_behaviors=2).levels is None
+    assert on.strings == off.strings
+    np.testing.assert_allclose(on.losses, off.losses, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+def test_random_position_reuse_sharded_matches_full_evaluation(model_dir, loaded):
+    """Run-time reuse with candidates sharded over 8 devices equals the unsharded full run."""
+    cfg = CFG.replace(num_steps=3, search_width=32, batch_size=8)
+    off = gcg.run_gcg(*loaded, BEHAVIOR, TARGET, cfg.replace(reuse_suffix_prefix=False), seed=3)
+    mesh = make_mesh(MeshConfig(data=8, fsdp=1, tensor=1))
+    model, tok = load_pretrained(model_dir, mesh=mesh)
+    on = gcg.run_gcg(model, tok, BEHAVIOR, TARGET, cfg, seed=3, mesh=mesh)
+    np.testing.assert_allclose(on.losses, off.losses, rtol=1e-4, atol=1e-4)
+    assert on.strings == off.strings

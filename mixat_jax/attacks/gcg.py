@@ -1,6 +1,6 @@
 """Greedy Coordinate Gradient (GCG) with static shapes (spec mixat.md §6.4; peers.md §1, §2, §12).
 
-One GCG step is one compiled call (``gcg_step``), vmapped over behaviours:
+One GCG step is one compiled call (``gcg_step``), vmapped over behaviours (not for one):
   1. ``token_gradients``: loss and gradient at the current suffix — VJP to the suffix embeddings,
      then ``grad_emb @ Eᵀ`` (equal to the one-hot gradient, one [S, D]x[D, V] matmul);
   2. ``sample_candidates``: top-k tokens per position (banned tokens masked), ``search_width``
@@ -12,8 +12,11 @@ One GCG step is one compiled call (``gcg_step``), vmapped over behaviours:
      with "spread" positions and ``reuse_suffix_prefix`` (default) ``bucketed_candidate_losses``
      instead: candidates grouped (static plan) into buckets by first swapped position p, the cache
      extended once per step with the current suffix's first tokens, each bucket run from p on;
+     with random positions (one behaviour) ``sorted_candidate_losses``: candidates sorted by
+     first differing position on device, each chunk run from the longest static prefix level it
+     shares (``lax.switch`` over one branch per level);
   4. duplicates masked to +inf, the top-M candidates by loss returned with their early-stop flags
-     (every target token argmax-correct).
+     (every target token argmax-correct: the target logit equals the row maximum).
 The host takes the best of the M that survives the retokenisation check *in the full prompt*
 (``gcg_filters``), updates the attack buffer, and runs the optional HarmBench refusal check.
 ``run_gcg`` / ``run_gcg_batch`` drive it; several behaviours share one compiled step (prefix and
@@ -54,7 +57,9 @@ __all__ = [
     "prefix_cache",
     "run_gcg",
     "run_gcg_batch",
+    "reuse_levels",
     "sample_candidates",
+    "sorted_candidate_losses",
     "token_gradients",
 ]
 
@@ -89,6 +94,10 @@ class StepSpec:
     # and per bucket (first swapped position, offset in that order, count, chunk); None = off.
     order: tuple[int, ...] | None = None
     buckets: tuple[tuple[int, int, int, int], ...] | None = None
+    # Run-time suffix-prefix reuse for random positions (``sorted_candidate_losses``): the
+    # static prefix lengths a sorted chunk may skip; None = off. Needs one behaviour per call
+    # (under vmap a batched ``lax.switch`` would run every branch).
+    levels: tuple[int, ...] | None = None
 
     @property
     def padded_width(self) -> int:
@@ -145,13 +154,16 @@ def target_loss(
     w = layout.target_w_T
     n = jnp.maximum(w.sum(), 1.0)
     label = jnp.take_along_axis(logits_CxTxV, layout.target_ids_T[None, :, None], axis=-1)[..., 0]
+    # One max over the vocabulary serves the stable logsumexp and the early-stop flag (the target
+    # token is a maximiser); a separate argmax pass over [C, T, V] cost ~7 % of a CPU step.
+    top = jax.lax.stop_gradient(jnp.max(logits_CxTxV, axis=-1))
     if use_mellowmax:
         t = jnp.where(w > 0, -alpha * label, -jnp.inf)
         loss = (jax.nn.logsumexp(t, axis=-1) - jnp.log(n)) / alpha
     else:
-        lse = jax.nn.logsumexp(logits_CxTxV, axis=-1)
+        lse = top + jnp.log(jnp.sum(jnp.exp(logits_CxTxV - top[..., None]), axis=-1))
         loss = ((lse - label) * w).sum(-1) / n
-    hit = (jnp.argmax(logits_CxTxV, axis=-1) == layout.target_ids_T) | (w == 0)
+    hit = (label >= top) | (w == 0)
     return loss, jnp.all(hit, axis=-1)
 
 
@@ -275,6 +287,36 @@ def bucket_plan(
     return tuple(int(i) for i in order), tuple(buckets)
 
 
+def _extend_cache(model, cache: Cache, ids_S: jax.Array, layout: Layout, p_max: int) -> Cache:
+    """The batch-1 prefix cache extended with the current suffix's first ``p_max`` tokens."""
+    if p_max <= 0:
+        return cache
+    r = layout.rest_ids_R.shape[0]
+    start = cache["mask"].shape[-1] - r
+    emb = jnp.take(model.embedding_matrix, ids_S[None, :p_max], axis=0)
+    _, cache = model.forward(
+        emb, layout.rest_mask_R[None, :p_max], cache=cache, cache_index=start,
+        return_hidden=True, logits_at_BxT=jnp.zeros((1, 1), jnp.int32),
+    )  # fmt: skip
+    return cache
+
+
+def _tail_losses(model, cache: Cache, layout: Layout, p: int, tail_CxT: jax.Array, mm: dict):
+    """Losses of candidates that equal the current suffix before ``p``: only ``rest[p:]`` runs,
+    after the extended cache's first p suffix slots (later slots masked out)."""
+    r = layout.rest_ids_R.shape[0]
+    start = cache["mask"].shape[-1] - r
+    slot = jnp.arange(cache["mask"].shape[-1])
+    sub = Layout(
+        layout.rest_ids_R[p:], layout.rest_mask_R[p:], layout.target_at_T - p,
+        layout.target_ids_T, layout.target_w_T,
+    )  # fmt: skip
+    sub_cache = {**cache, "mask": cache["mask"] & (slot < start + p)[None]}
+    emb = jnp.take(model.embedding_matrix, tail_CxT, axis=0)
+    logits = _rest_logits(model, sub_cache, emb, sub)
+    return target_loss(logits, sub, **mm)
+
+
 def bucketed_candidate_losses(
     graphdef: nnx.GraphDef,
     params: Sequence[nnx.State],
@@ -294,37 +336,19 @@ def bucketed_candidate_losses(
     only ``rest[p:]`` after the first p suffix tokens (cache slots beyond them masked out).
     Every candidate of a bucket must equal ``ids_S`` before p (``bucket_plan`` guarantees it)."""
     model = _merge(graphdef, params)
+    mm = dict(use_mellowmax=use_mellowmax, alpha=alpha)
     s = ids_S.shape[0]
-    r = layout.rest_ids_R.shape[0]
-    start = cache["mask"].shape[-1] - r
-    p_max = max(b[0] for b in buckets)
-    if p_max > 0:
-        emb = jnp.take(model.embedding_matrix, ids_S[None, :p_max], axis=0)
-        _, cache = model.forward(
-            emb, layout.rest_mask_R[None, :p_max], cache=cache, cache_index=start,
-            return_hidden=True, logits_at_BxT=jnp.zeros((1, 1), jnp.int32),
-        )  # fmt: skip
-    slot = jnp.arange(cache["mask"].shape[-1])
+    cache = _extend_cache(model, cache, ids_S, layout, max(b[0] for b in buckets))
     order_arr = jnp.asarray(order, jnp.int32)
     sorted_cand = cand_WxS[order_arr]
     losses, hits = [], []
     for p, off, n, c in buckets:
-        sub = Layout(
-            layout.rest_ids_R[p:], layout.rest_mask_R[p:], layout.target_at_T - p,
-            layout.target_ids_T, layout.target_w_T,
-        )  # fmt: skip
-        sub_cache = {**cache, "mask": cache["mask"] & (slot < start + p)[None]}
         n_chunks = -(-n // c)
         idx = jnp.minimum(off + jnp.arange(n_chunks * c), off + n - 1)
         chunks = sorted_cand[idx, p:].reshape(n_chunks, c, s - p)
         if data_axes:
             chunks = jax.lax.with_sharding_constraint(chunks, PartitionSpec(None, data_axes, None))
-
-        def one(cand_CxS, sub=sub, sub_cache=sub_cache):
-            emb = jnp.take(model.embedding_matrix, cand_CxS, axis=0)
-            logits = _rest_logits(model, sub_cache, emb, sub)
-            return target_loss(logits, sub, use_mellowmax=use_mellowmax, alpha=alpha)
-
+        one = functools.partial(_tail_losses, model, cache, layout, p, mm=mm)
         if n_chunks == 1:
             loss, hit = one(chunks[0])
         else:
@@ -337,6 +361,63 @@ def bucketed_candidate_losses(
     return (
         jnp.zeros((w,), loss_sorted.dtype).at[order_arr].set(loss_sorted),
         jnp.zeros((w,), bool).at[order_arr].set(hit_sorted),
+    )
+
+
+def reuse_levels(s: int, n_levels: int) -> tuple[int, ...]:
+    """Static suffix-prefix lengths a sorted chunk may reuse: ``floor(i * s / n_levels)``."""
+    n_levels = max(1, min(n_levels, s))
+    return tuple(sorted({i * s // n_levels for i in range(n_levels)}))
+
+
+def sorted_candidate_losses(
+    graphdef: nnx.GraphDef,
+    params: Sequence[nnx.State],
+    cache: Cache,
+    ids_S: jax.Array,
+    cand_WxS: jax.Array,
+    layout: Layout,
+    *,
+    chunk: int,
+    levels: tuple[int, ...],
+    use_mellowmax: bool = False,
+    alpha: float = 1.0,
+    data_axes: tuple[str, ...] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``candidate_losses`` with suffix-prefix reuse for candidates whose swapped positions are
+    only known at run time (nanoGCG's random positions).
+
+    Each candidate equals ``ids_S`` before its first differing position f. Candidates are sorted
+    by f (on device) and cut into chunks; a chunk whose smallest f is at least ``levels[i]``
+    (the largest such level) runs only ``rest[levels[i]:]`` after the extended prefix cache —
+    ``lax.switch`` over one compiled branch per level, so shapes stay static. Losses come back in
+    the original candidate order; equal to ``candidate_losses`` up to float rounding."""
+    model = _merge(graphdef, params)
+    mm = dict(use_mellowmax=use_mellowmax, alpha=alpha)
+    w, s = cand_WxS.shape
+    if w % chunk:
+        raise ValueError(f"candidate count {w} is not a multiple of the chunk size {chunk}")
+    if not levels or levels[0] != 0 or list(levels) != sorted(set(levels)) or levels[-1] >= s:
+        raise ValueError(f"reuse levels {levels} must start at 0, increase, and stay below {s}")
+    differs_WxS = cand_WxS != ids_S[None]
+    first_W = jnp.where(jnp.any(differs_WxS, axis=1), jnp.argmax(differs_WxS, axis=1), s)
+    order_W = jnp.argsort(first_W, stable=True)
+    chunks = cand_WxS[order_W].reshape(w // chunk, chunk, s)
+    if data_axes:
+        chunks = jax.lax.with_sharding_constraint(chunks, PartitionSpec(None, data_axes, None))
+    chunk_first = first_W[order_W].reshape(w // chunk, chunk)[:, 0]  # sorted: the chunk minimum
+    level_idx = jnp.sum(chunk_first[:, None] >= jnp.asarray(levels)[None, :], axis=1) - 1
+    cache = _extend_cache(model, cache, ids_S, layout, levels[-1])
+    branches = [lambda c, p=p: _tail_losses(model, cache, layout, p, c[:, p:], mm) for p in levels]
+
+    def one(xs):
+        cand_CxS, i = xs
+        return jax.lax.switch(i, branches, cand_CxS)
+
+    loss_s, hit_s = jax.tree.map(lambda x: x.reshape(w), jax.lax.map(one, (chunks, level_idx)))
+    return (
+        jnp.zeros((w,), loss_s.dtype).at[order_W].set(loss_s),
+        jnp.zeros((w,), bool).at[order_W].set(hit_s),
     )
 
 
@@ -368,6 +449,11 @@ def gcg_step(
         pad = spec.padded_width - spec.width  # padding rows are masked below; never evaluated
         loss = jnp.concatenate([loss_w, jnp.full((pad,), jnp.inf, loss_w.dtype)])
         hit = jnp.concatenate([hit_w, jnp.zeros((pad,), bool)])
+    elif spec.levels is not None and not spec.spread:
+        loss, hit = sorted_candidate_losses(
+            graphdef, params, cache, ids_S, cand, layout, chunk=spec.chunk, levels=spec.levels,
+            data_axes=spec.data_axes, **mm,
+        )  # fmt: skip
     else:
         loss, hit = candidate_losses(
             graphdef, params, cache, cand, layout, chunk=spec.chunk, data_axes=spec.data_axes, **mm
@@ -387,6 +473,14 @@ def _batched_step(params, caches, ids_BxS, layouts, allowed_V, root_keys, step, 
         key = jax.random.fold_in(root, step)
         return gcg_step(graphdef, params, cache, ids, layout, allowed_V, key, spec=spec)
 
+    if ids_BxS.shape[0] == 1:  # one behaviour: no vmap, so run-time reuse levels stay a branch
+        squeeze = functools.partial(jax.tree.map, lambda x: x[0])
+        out = one(squeeze(caches), ids_BxS[0], squeeze(layouts), root_keys[0])
+        return jax.tree.map(lambda x: x[None], out)
+    if spec.levels is not None:
+        raise ValueError(
+            "StepSpec.levels needs one behaviour per step (see sorted_candidate_losses)"
+        )
     return jax.vmap(one)(caches, ids_BxS, layouts, root_keys)
 
 

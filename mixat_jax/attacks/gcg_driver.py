@@ -27,6 +27,7 @@ from mixat_jax.attacks.gcg import (
     _batched_step,
     _compiled,
     bucket_plan,
+    reuse_levels,
 )
 from mixat_jax.attacks.gcg_filters import PromptSlots, allowed_token_mask, slot_prompt
 from mixat_jax.attacks.gcg_presets import GCGConfig
@@ -131,7 +132,11 @@ def _host_arrays(problems: list[_Problem], pad_id: int, cfg: GCGConfig):
 
 
 def _step_spec(
-    cfg: GCGConfig, n_allowed: int, mesh: Mesh | None, suffix_len: int | None = None
+    cfg: GCGConfig,
+    n_allowed: int,
+    mesh: Mesh | None,
+    suffix_len: int | None = None,
+    n_behaviors: int = 1,
 ) -> StepSpec:
     w = cfg.search_width
     chunk = min(cfg.batch_size or w, w)
@@ -141,13 +146,20 @@ def _step_spec(
         if n_dev > 1:
             chunk = _round_up(chunk, n_dev)
             data_axes = ("data", "fsdp")
-    n_chunks = -(-w // chunk)
-    order = buckets = None
-    if cfg.reuse_suffix_prefix and cfg.positions == "spread" and suffix_len and suffix_len > 1:
+    order = buckets = levels = None
+    reuse = cfg.reuse_suffix_prefix and bool(suffix_len) and suffix_len > 1
+    if reuse and cfg.positions == "spread":
         granule = 1 if data_axes is None else n_dev  # sharded chunks divide by the devices
         order, buckets = bucket_plan(
             w, suffix_len, cfg.n_replace, cfg.prefix_buckets, chunk, granule=granule
         )
+    elif reuse and n_behaviors == 1:
+        levels = reuse_levels(suffix_len, cfg.reuse_levels)
+        if len(levels) > 1:  # sorted chunks must be fine enough to land above the levels
+            chunk = min(chunk, _round_up(-(-w // (2 * len(levels))), n_dev if data_axes else 1))
+        else:
+            levels = None
+    n_chunks = -(-w // chunk)
     return StepSpec(
         width=w,
         chunk=chunk,
@@ -161,6 +173,7 @@ def _step_spec(
         data_axes=data_axes,
         order=order,
         buckets=buckets,
+        levels=levels,
     )
 
 
@@ -249,7 +262,7 @@ def run_gcg_batch(
             )
     vocab = int(model.cfg.vocab_size)
     allowed = allowed_token_mask(tokenizer, vocab, allow_non_ascii=cfg.allow_non_ascii)
-    spec = _step_spec(cfg, int(allowed.sum()), mesh, suffix_len=s)
+    spec = _step_spec(cfg, int(allowed.sum()), mesh, suffix_len=s, n_behaviors=len(problems))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     pre_ids, pre_mask, layouts_np, r_len = _host_arrays(problems, int(pad_id), cfg)
     graphdef, *params = nnx.split(model)

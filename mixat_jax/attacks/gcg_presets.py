@@ -49,12 +49,16 @@ class GCGConfig:
     system_prompt: str | None = None
     max_seq_len: int = 1024  # budget for prompt + suffix + target tokens
     length_multiple: int = 16  # pad prefix/rest lengths to this (fewer recompiles across calls)
-    # "spread" positions only (exact; "random" always evaluates full suffixes): candidates are
-    # grouped into ``prefix_buckets`` buckets by first swapped position p and run only from p on,
-    # after the current suffix's first p tokens (cached once per step). Same losses up to
-    # float rounding, fewer FLOPs.
+    # Suffix-prefix reuse (exact: same losses up to float rounding, fewer FLOPs). A candidate
+    # whose first swapped position is p shares the current suffix's first p tokens, cached once
+    # per step. "spread" positions (known at trace time): candidates grouped into
+    # ``prefix_buckets`` static buckets by p. "random" positions (one behaviour per call):
+    # candidates sorted by p on device, chunks (at most search_width / (2 * reuse_levels) each)
+    # run from the largest of ``reuse_levels`` evenly spaced prefix lengths <= their smallest p,
+    # one compiled branch per level. More levels: more reuse, longer compile.
     reuse_suffix_prefix: bool = True
     prefix_buckets: int = 4
+    reuse_levels: int = 8
 
     def __post_init__(self):
         positive = ("num_steps", "search_width", "topk", "n_replace", "filter_topm", "eval_steps")
@@ -77,8 +81,11 @@ class GCGConfig:
             raise ValueError(f"mellowmax_alpha must be > 0, got {self.mellowmax_alpha}")
         if not self.optim_str_init:
             raise ValueError("GCGConfig.optim_str_init is empty; give the initial string")
-        if self.prefix_buckets < 1:
-            raise ValueError(f"GCGConfig.prefix_buckets must be >= 1, got {self.prefix_buckets}")
+        if self.prefix_buckets < 1 or self.reuse_levels < 1:
+            raise ValueError(
+                "GCGConfig.prefix_buckets and reuse_levels must be >= 1, got "
+                f"{self.prefix_buckets} and {self.reuse_levels}"
+            )
         if self.max_seq_len < 2 or self.length_multiple < 1:
             raise ValueError("GCGConfig.max_seq_len must be >= 2 and length_multiple >= 1")
 
