@@ -137,6 +137,24 @@ class Ours:
         return r.to_json() | {"seconds_total": time.perf_counter() - t0}
 
 
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list | tuple):
+        return ", ".join(_fmt(x) for x in v)
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_fmt(x)}" for k, x in v.items())
+    return str(v)
+
+
+def write_markdown(path: Path, summary: dict) -> None:
+    rows = [f"| {k} | {_fmt(v)} |" for k, v in summary.items()]
+    path.write_text(
+        "# GCG: mixat_jax vs nanoGCG 0.3.0 (CPU, interleaved rounds)\n\n"
+        "| quantity | value |\n|---|---|\n" + "\n".join(rows) + "\n"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--peer_python", required=True)
@@ -205,13 +223,7 @@ def main() -> None:
     (out / "gcg_vs_nanogcg.json").write_text(
         json.dumps({"summary": summary, "ours": ours_json, "peer": peer}, indent=2) + "\n"
     )
-    rows = [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-            for k, v in summary.items()]  # fmt: skip
-    (out / "gcg_vs_nanogcg.md").write_text(
-        "# GCG: mixat_jax vs nanoGCG 0.3.0 (CPU)\n\n| quantity | value |\n|---|---|\n"
-        + "\n".join(rows)
-        + "\n"
-    )
+    write_markdown(out / "gcg_vs_nanogcg.md", summary)
     print(json.dumps(summary, indent=2))
 
 
