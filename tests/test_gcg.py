@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +35,25 @@ def loaded(model_dir):
     return load_pretrained(model_dir)
 
 
+def _one_problem(model, tok, cfg):
+    """(problem, graphdef, params, batch-1 prefix cache, layout) for BEHAVIOR/TARGET."""
+    prob = gcg._prepare(ChatRenderer(tok), BEHAVIOR, TARGET, cfg, 0)
+    pre_ids, pre_mask, lay, r_len = gcg._host_arrays([prob], 0, cfg)
+    graphdef, state = nnx.split(model)
+    caches = gcg._batched_prefix((state,), pre_ids, pre_mask, graphdef=graphdef, rest_len=r_len)
+    cache = jax.tree.map(lambda x: x[0], caches)
+    layout = jax.tree.map(lambda x: jnp.asarray(x[0]), lay)
+    return prob, graphdef, state, cache, layout
+
+
+def _assert_matches_full(graphdef, state, cache, layout, cand, chunk, reuse):
+    """``reuse(cand, layout)`` (a suffix-prefix reuse path) == the full candidate evaluation."""
+    ref, ref_hit = gcg.candidate_losses(graphdef, (state,), cache, cand, layout, chunk=chunk)
+    got, got_hit = jax.jit(reuse)(cand, layout)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got_hit), np.asarray(ref_hit))
+
+
 @pytest.fixture(scope="module")
 def base_run(loaded):
     model, tok = loaded
@@ -49,12 +70,7 @@ def _full_loss(model, ids, n_target):
 
 def test_batched_candidate_losses_equal_per_candidate_loop(loaded):
     model, tok = loaded
-    prob = gcg._prepare(ChatRenderer(tok), BEHAVIOR, TARGET, CFG, 0)
-    pre_ids, pre_mask, lay, r_len = gcg._host_arrays([prob], 0, CFG)
-    graphdef, state = nnx.split(model)
-    caches = gcg._batched_prefix((state,), pre_ids, pre_mask, graphdef=graphdef, rest_len=r_len)
-    cache = jax.tree.map(lambda x: x[0], caches)
-    layout = jax.tree.map(lambda x: jnp.asarray(x[0]), lay)
+    prob, graphdef, state, cache, layout = _one_problem(model, tok, CFG)
     s = len(prob.slots.suffix_ids)
     allowed = np.flatnonzero(allowed_token_mask(tok, model.cfg.vocab_size))
     cand = np.random.default_rng(0).choice(allowed, (8, s)).astype(np.int32)
@@ -233,12 +249,7 @@ def test_bucketed_candidate_losses_equal_unbucketed(loaded):
     """Suffix-prefix reuse (spread positions): same losses/flags as evaluating full suffixes."""
     model, tok = loaded
     cfg = CFG.replace(positions="spread", search_width=24, n_replace=1)
-    prob = gcg._prepare(ChatRenderer(tok), BEHAVIOR, TARGET, cfg, 0)
-    pre_ids, pre_mask, lay, r_len = gcg._host_arrays([prob], 0, cfg)
-    graphdef, state = nnx.split(model)
-    caches = gcg._batched_prefix((state,), pre_ids, pre_mask, graphdef=graphdef, rest_len=r_len)
-    cache = jax.tree.map(lambda x: x[0], caches)
-    layout = jax.tree.map(lambda x: jnp.asarray(x[0]), lay)
+    prob, graphdef, state, cache, layout = _one_problem(model, tok, cfg)
     s = len(prob.slots.suffix_ids)
     allowed = allowed_token_mask(tok, model.cfg.vocab_size)
     ids = jnp.asarray(prob.slots.suffix_ids, jnp.int32)
@@ -254,14 +265,11 @@ def test_bucketed_candidate_losses_equal_unbucketed(loaded):
         for p, off, n, _ in buckets:  # every candidate of a bucket keeps the suffix before p
             rows = np.asarray(cand)[list(order[off : off + n])]
             assert (rows[:, :p] == np.asarray(ids)[:p]).all()
-        ref, ref_hit = gcg.candidate_losses(graphdef, (state,), cache, cand, layout, chunk=chunk)
-        got, got_hit = jax.jit(
-            lambda c, o=order, b=buckets: gcg.bucketed_candidate_losses(
-                graphdef, (state,), cache, ids, c, layout, order=o, buckets=b
-            )
-        )(cand)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
-        np.testing.assert_array_equal(np.asarray(got_hit), np.asarray(ref_hit))
+        reuse = functools.partial(
+            gcg.bucketed_candidate_losses, graphdef, (state,), cache, ids, order=order,
+            buckets=buckets,
+        )  # fmt: skip
+        _assert_matches_full(graphdef, state, cache, layout, cand, chunk, reuse)
 
 
 def test_reuse_suffix_prefix_run_matches_full_evaluation(loaded):
@@ -276,9 +284,11 @@ def test_reuse_suffix_prefix_run_matches_full_evaluation(loaded):
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
-def test_reuse_suffix_prefix_sharded_matches_full_evaluation(model_dir, loaded):
-    """Buckets on sharded candidates (bucket sizes rounded to the 8 devices, padded last chunk)."""
-    cfg = CFG.replace(positions="spread", num_steps=3, search_width=20, batch_size=8)
+@pytest.mark.parametrize("positions,width", [("spread", 20), ("random", 32)])
+def test_reuse_suffix_prefix_sharded_matches_full_evaluation(model_dir, loaded, positions, width):
+    """Suffix-prefix reuse on candidates sharded over 8 devices == the unsharded full run: spread
+    buckets (sizes rounded to the devices, padded last chunk) and random-position run-time levels."""
+    cfg = CFG.replace(positions=positions, num_steps=3, search_width=width, batch_size=8)
     off = gcg.run_gcg(*loaded, BEHAVIOR, TARGET, cfg.replace(reuse_suffix_prefix=False), seed=3)
     mesh = make_mesh(MeshConfig(data=8, fsdp=1, tensor=1))
     model, tok = load_pretrained(model_dir, mesh=mesh)
@@ -292,12 +302,7 @@ def test_sorted_candidate_losses_equal_full_evaluation(loaded):
     position, each chunk skipping the longest static level it shares — same losses and flags,
     returned in the original candidate order."""
     model, tok = loaded
-    prob = gcg._prepare(ChatRenderer(tok), BEHAVIOR, TARGET, CFG, 0)
-    pre_ids, pre_mask, lay, r_len = gcg._host_arrays([prob], 0, CFG)
-    graphdef, state = nnx.split(model)
-    caches = gcg._batched_prefix((state,), pre_ids, pre_mask, graphdef=graphdef, rest_len=r_len)
-    cache = jax.tree.map(lambda x: x[0], caches)
-    layout = jax.tree.map(lambda x: jnp.asarray(x[0]), lay)
+    prob, graphdef, state, cache, layout = _one_problem(model, tok, CFG)
     s = len(prob.slots.suffix_ids)
     assert gcg.reuse_levels(s, 4) == tuple(i * s // 4 for i in range(4))
     allowed = allowed_token_mask(tok, model.cfg.vocab_size)
@@ -312,14 +317,10 @@ def test_sorted_candidate_losses_equal_full_evaluation(loaded):
         # a candidate equal to the current suffix (no differing position)
         cand = cand.at[0].set(ids)
         levels = gcg.reuse_levels(s, n_levels)
-        ref, ref_hit = gcg.candidate_losses(graphdef, (state,), cache, cand, layout, chunk=chunk)
-        got, got_hit = jax.jit(
-            lambda c, lv=levels, ch=chunk: gcg.sorted_candidate_losses(
-                graphdef, (state,), cache, ids, c, layout, chunk=ch, levels=lv
-            )
-        )(cand)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
-        np.testing.assert_array_equal(np.asarray(got_hit), np.asarray(ref_hit))
+        reuse = functools.partial(
+            gcg.sorted_candidate_losses, graphdef, (state,), cache, ids, chunk=chunk, levels=levels
+        )
+        _assert_matches_full(graphdef, state, cache, layout, cand, chunk, reuse)
     with pytest.raises(ValueError, match="must start at 0"):
         gcg.sorted_candidate_losses(
             graphdef, (state,), cache, ids, cand, layout, chunk=4, levels=(1, 2)
@@ -337,15 +338,3 @@ def test_random_position_reuse_run_matches_full_evaluation(loaded):
     assert gcg._step_spec(cfg, 100, None, suffix_len=4, n_behaviors=2).levels is None
     assert on.strings == off.strings
     np.testing.assert_allclose(on.losses, off.losses, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
-def test_random_position_reuse_sharded_matches_full_evaluation(model_dir, loaded):
-    """Run-time reuse with candidates sharded over 8 devices equals the unsharded full run."""
-    cfg = CFG.replace(num_steps=3, search_width=32, batch_size=8)
-    off = gcg.run_gcg(*loaded, BEHAVIOR, TARGET, cfg.replace(reuse_suffix_prefix=False), seed=3)
-    mesh = make_mesh(MeshConfig(data=8, fsdp=1, tensor=1))
-    model, tok = load_pretrained(model_dir, mesh=mesh)
-    on = gcg.run_gcg(model, tok, BEHAVIOR, TARGET, cfg, seed=3, mesh=mesh)
-    np.testing.assert_allclose(on.losses, off.losses, rtol=1e-4, atol=1e-4)
-    assert on.strings == off.strings
