@@ -3,6 +3,8 @@
     python bench/train_step_vs_torch.py --torch_script /work/shared/bench/torch_cat_step.py \
         [--model DIR] [--adv 1] [--util 7] [--len 128] [--prompt_len 64] [--iters 10] \
         [--steps 3] [--rounds 3] [--threads 2] [--lora_r 64] [--out bench/results/train_step_vs_torch]
+    python bench/train_step_vs_torch.py --torch_script bench/torch_mixat_accum_step.py \
+        --micro_batches 8 --out bench/results/train_step_vs_torch_g8     # a full optimizer step
 
 Both sides run one micro-batch step on the same tiny HF checkpoint (built here with
 ``mixat_jax.tiny_model`` unless ``--model`` is given) and batch shape: 10 signed-gradient
@@ -40,6 +42,8 @@ def torch_step_seconds(script: Path, model_dir: Path, a) -> dict:
            "--util", str(a.util), "--len", str(a.len), "--prompt_len", str(a.prompt_len),
            "--iters", str(a.iters), "--steps", str(a.steps), "--threads", str(a.threads),
            "--lora_r", str(a.lora_r)]  # fmt: skip
+    if a.micro_batches > 1:
+        cmd += ["--micro_batches", str(a.micro_batches)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"torch step failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -47,6 +51,18 @@ def torch_step_seconds(script: Path, model_dir: Path, a) -> dict:
 
 
 def random_batch(vocab: int, a, seed: int):
+    """One optimizer step's batch: ``micro_batches`` micro-batches stacked on a leading G axis
+    (none for G = 1) in the training layout; prompt = the first ``prompt_len`` tokens."""
+    import numpy as np
+
+    g = getattr(a, "micro_batches", 1)
+    if g > 1:
+        parts = [random_micro_batch(vocab, a, seed * 1000 + i) for i in range(g)]
+        return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+    return random_micro_batch(vocab, a, seed)
+
+
+def random_micro_batch(vocab: int, a, seed: int):
     """One micro-batch in the training layout: prompt = first ``prompt_len`` tokens."""
     import numpy as np
 
@@ -129,6 +145,7 @@ def write_markdown(path: Path, r: dict) -> None:
     lines = [
         "# Train step: mixat_jax vs PyTorch reference (CPU, same run, interleaved)",
         "",
+        f"{a.get('micro_batches', 1)} micro-batch(es) per optimizer step, each "
         f"{a['adv']} away/toward row(s) + {a['util']} utility rows of {a['len']} tokens "
         f"(prompt {a['prompt_len']}), {a['iters']} attack iterations, LoRA r={a['lora_r']} "
         f"all-linear, dropout 0.1; tiny llama (hidden {a['hidden']}, {a['layers']} layers, "
@@ -160,6 +177,12 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved torch/jax rounds")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--lora_r", type=int, default=64)
+    p.add_argument(
+        "--micro_batches", type=int, default=1,
+        help="G > 1: one optimizer step over G accumulated micro-batches on both sides (torch: "
+        "bench/torch_mixat_accum_step.py, which attacks micro-batch by micro-batch as the "
+        "reference trainer does; ours: the default attack_batching='step')",
+    )  # fmt: skip
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=2048)

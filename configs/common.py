@@ -85,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.train_dropout = True
     c.adv_max_targets = 0
+    # "step": the attacks of all micro-batches of an optimizer step run as one batched call
+    # (same δ per row as "microbatch", which attacks one micro-batch at a time: less memory).
+    c.attack_batching = "step"
     # Static micro-batch (spec §11.7, §12): 1 adversarial pair + 7 utility rows, L 256 (384 for
     # the adversarial pair so PAP rewrites fit).
     c.batch = ml_collections.ConfigDict(

@@ -98,11 +98,30 @@ def _embed_f32(model, ids_BxL, delta_BxLxD, m_in_BxL):
     return emb + delta_BxLxD * m_in_BxL[..., None].astype(jnp.float32)
 
 
-def _attack(graphdef, lora, frozen, eps_abs, emb_norm, mb, key, cfg: StepConfig):
-    """δ for the away rows + diagnostics; zeros when the micro-batch has no valid away row."""
+ATTACK_STREAM = 0x61747461  # fold_in tag of the attack's randomness ("atta")
+
+
+def attack_row_keys(key: jax.Array, g_index: jax.Array, a: int) -> jax.Array:
+    """Per-row attack keys [len(g_index) · a] for the adversarial slots of the micro-batches with
+    GLOBAL indices ``g_index``: a row's key depends only on (step key, micro-batch, slot), so
+    attacking micro-batches together, one by one, or on different pmap devices gives each row
+    the same dropout masks (and the same δ)."""
+    base = jax.random.fold_in(key, ATTACK_STREAM)
+    per_g = jax.vmap(lambda g: jax.random.fold_in(base, g))(g_index)
+    return jax.vmap(lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(jnp.arange(a)))(
+        per_g
+    ).reshape(-1)
+
+
+def _attack(graphdef, lora, frozen, eps_abs, emb_norm, mb, row_keys, cfg: StepConfig, groups):
+    """δ for the away rows [rows, L, D] + diagnostics; zeros when no away row is valid.
+
+    ``mb`` holds flat [rows, L] away arrays; ``groups`` = (group id per row, number of groups):
+    each group (micro-batch) keeps its own token-mean objective (see ``continuous_attack``)."""
     valid_A = mb["adv_valid_A"]
     a, l = mb["away_ids_AxL"].shape
     d = lora_lib.merge(graphdef, lora, frozen).cfg.hidden_size
+    group_B, num_groups = groups
 
     def run(_):
         delta, diag = continuous_attack(
@@ -113,12 +132,14 @@ def _attack(graphdef, lora, frozen, eps_abs, emb_norm, mb, key, cfg: StepConfig)
             mb["away_mask_AxL"],
             mb["away_prompt_mask_AxL"],
             mb["away_target_mask_AxL"],
-            key,
+            row_keys,
             cfg=cfg.attack,
             eps_abs=eps_abs,
             row_valid_B=valid_A,
             emb_norm=emb_norm,
             eval_final=False,
+            group_B=group_B,
+            num_groups=num_groups,
         )
         return delta, {k: diag[k] for k in ATTACK_DIAG_KEYS}
 
@@ -127,6 +148,24 @@ def _attack(graphdef, lora, frozen, eps_abs, emb_norm, mb, key, cfg: StepConfig)
         return jnp.zeros((a, l, d), jnp.float32), {k: zero for k in ATTACK_DIAG_KEYS}
 
     return jax.lax.cond(jnp.any(valid_A), run, skip, None)
+
+
+def step_attack(state: TrainState, batch, key: jax.Array, offset, cfg: StepConfig):
+    """The continuous attack of ALL G micro-batches in one batched call (parameters do not change
+    within an optimizer step, so this equals attacking each micro-batch in turn; per-row keys
+    make it the same δ, up to float rounding). Returns δ [G, A, L, D] and diagnostics (means over
+    the micro-batches that have adversarial rows; max for ``delta_norm_max``)."""
+    g, a, l = batch["away_ids_AxL"].shape
+    names = ("away_ids_AxL", "away_mask_AxL", "away_prompt_mask_AxL", "away_target_mask_AxL")
+    flat = {k: batch[k].reshape(g * a, l) for k in names}
+    flat["adv_valid_A"] = batch["adv_valid_A"].reshape(g * a)
+    keys = attack_row_keys(key, offset + jnp.arange(g), a)
+    groups = (jnp.repeat(jnp.arange(g), a), g)
+    eps_abs = cfg.attack.eps * state.emb_norm
+    delta, diag = _attack(
+        state.graphdef, state.lora, state.frozen, eps_abs, state.emb_norm, flat, keys, cfg, groups
+    )
+    return delta.reshape(g, a, l, -1), diag
 
 
 def microbatch_loss(lora, frozen, graphdef, mb, delta_AxLxD, key, cfg: StepConfig):
@@ -201,22 +240,26 @@ def microbatch_loss(lora, frozen, graphdef, mb, delta_AxLxD, key, cfg: StepConfi
     return loss, aux
 
 
-def microbatch_grads(state: TrainState, mb, key, *, cfg: StepConfig, with_grads: bool = True):
-    """(LoRA grads or None, metric parts) of one micro-batch (no G axis)."""
-    k_attack, k_train = jax.random.split(key)
+def microbatch_grads(
+    state: TrainState,
+    mb,
+    key,
+    *,
+    cfg: StepConfig,
+    with_grads: bool = True,
+    attack: tuple[jax.Array, dict[str, jax.Array]] | None = None,
+):
+    """(LoRA grads or None, metric parts) of one micro-batch (no G axis).
+
+    ``attack``: this micro-batch's (δ [A, L, D], diagnostics) from ``step_attack``; required
+    when ``cfg.runs_attack``."""
+    _, k_train = jax.random.split(key)
     eps_abs = cfg.attack.eps * state.emb_norm
     delta, diag = None, None
     if cfg.runs_attack:
-        delta, diag = _attack(
-            state.graphdef,
-            state.lora,
-            state.frozen,
-            eps_abs,
-            state.emb_norm,
-            mb,
-            k_attack,
-            cfg,
-        )
+        if attack is None:
+            raise ValueError("microbatch_grads needs the micro-batch's attack (steps.step_attack)")
+        delta, diag = attack
     fn = functools.partial(
         microbatch_loss, graphdef=state.graphdef, mb=mb, delta_AxLxD=delta, key=k_train, cfg=cfg
     )
@@ -286,11 +329,29 @@ def _accumulate(state: TrainState, batch, key, cfg: StepConfig, with_grads: bool
     g = batch["away_ids_AxL"].shape[0]
     offset = 0 if cfg.pmap_axis_name is None else jax.lax.axis_index(cfg.pmap_axis_name) * g
 
+    step_wide = cfg.runs_attack and cfg.attack_batching == "step"
+    if step_wide:  # all micro-batches' attacks in one batched call, before the scan
+        deltas, diag = step_attack(state, batch, key, offset, cfg)
+    else:
+        deltas, diag = jnp.zeros((g,), jnp.float32), None
+
     def body(carry, xs):
         grad_sum, acc = carry
-        mb, i = xs
+        mb, i, delta = xs
+        attack = None
+        if step_wide:
+            attack = (delta, diag)
+        elif cfg.runs_attack:  # one micro-batch at a time (same per-row keys)
+            one = {k: v[None] for k, v in mb.items()}
+            d1, diag1 = step_attack(state, one, key, offset + i, cfg)
+            attack = (d1[0], diag1)
         grads, parts = microbatch_grads(
-            state, mb, jax.random.fold_in(key, offset + i), cfg=cfg, with_grads=with_grads
+            state,
+            mb,
+            jax.random.fold_in(key, offset + i),
+            cfg=cfg,
+            with_grads=with_grads,
+            attack=attack,
         )
         if with_grads:
             grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
@@ -306,7 +367,7 @@ def _accumulate(state: TrainState, batch, key, cfg: StepConfig, with_grads: bool
         for k in names
     }
     grad0 = jax.tree.map(jnp.zeros_like, state.lora) if with_grads else None
-    (grad_sum, acc), _ = jax.lax.scan(body, (grad0, acc0), (batch, jnp.arange(g)))
+    (grad_sum, acc), _ = jax.lax.scan(body, (grad0, acc0), (batch, jnp.arange(g), deltas))
     grads = None if grad_sum is None else jax.tree.map(lambda x: x / g, grad_sum)
     return grads, acc
 

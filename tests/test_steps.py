@@ -154,22 +154,44 @@ def test_grad_accumulation_is_mean_of_microbatch_grads(sgd_state, jit_result):
     """The scanned G = 2 step moves LoRA by the mean of the two single-micro-batch gradients.
 
     Single-micro-batch gradients: ``microbatch_grads`` per micro-batch with the scan's keys
-    (``fold_in(key, g)``); with sgd(1) the jitted step's update is -mean(grads).
+    (``fold_in(key, g)``) and that micro-batch's own attack (``step_attack`` on it alone, global
+    index g); with sgd(1) the jitted step's update is -mean(grads).
     """
     batch, new_state, metrics = jit_result
     key = jax.random.key(7)
-    one = jax.jit(lambda s, mb, k: steps.microbatch_grads(s, mb, k, cfg=CFG))
+
+    def single(s, mb, g):
+        d, diag = steps.step_attack(s, {k: v[None] for k, v in mb.items()}, key, g, CFG)
+        k = jax.random.fold_in(key, g)
+        return steps.microbatch_grads(s, mb, k, cfg=CFG, attack=(d[0], diag))
+
     mbs = [{k: v[g] for k, v in batch.items()} for g in range(2)]
-    one = one.lower(sgd_state, mbs[0], key).compile(FAST)
+    one = jax.jit(single).lower(sgd_state, mbs[0], 0).compile(FAST)
     grads, losses_ = [], []
     for g, mb in enumerate(mbs):
-        gr, parts = one(sgd_state, mb, jax.random.fold_in(key, g))
+        gr, parts = one(sgd_state, mb, g)
         grads.append(gr)
         losses_.append(float(parts["loss"][0]))
     mean = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
     implied = jax.tree.map(lambda old, new: old - new, sgd_state.lora, new_state.lora)
     _assert_trees_close(implied, mean, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(metrics["loss"], np.mean(losses_), rtol=1e-5)
+
+
+def test_step_wide_attack_equals_microbatch_attacks(sgd_state, jit_result):
+    """``attack_batching="step"`` (all micro-batches attacked in one call, the default) gives the
+    same update and attack metrics as attacking one micro-batch at a time (per-row keys)."""
+    batch, new_state, metrics = jit_result
+    cfg = CFG.replace(attack_batching="microbatch")
+    fn = jax.jit(lambda s, b, k: steps.train_step(s, b, k, cfg=cfg))
+    m_state, m_metrics = fn.lower(sgd_state, batch, jax.random.key(7)).compile(FAST)(
+        sgd_state, batch, jax.random.key(7)
+    )
+    _assert_trees_close(m_state.lora, new_state.lora, rtol=1e-4, atol=1e-7)
+    for k in ("loss", "attack_loss_before", "attack_loss_after", "delta_norm_max"):
+        np.testing.assert_allclose(m_metrics[k], metrics[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    with pytest.raises(ValueError, match="attack_batching"):
+        CFG.replace(attack_batching="rows")
 
 
 def test_sharded_jit_equals_single_device(sgd_state, jit_result):

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from mixat_jax import lora as lora_lib
+from mixat_jax.models import layers
 from mixat_jax.training import losses
 
 OPTIMIZERS = ("sign", "adam", "grad")
@@ -88,7 +89,10 @@ def _init_delta(key, shape, eps_abs, m_in_BxLx1, init: str) -> jax.Array:
     if init == "zero":
         return jnp.zeros(shape, jnp.float32)
     # uniform: coordinates U(-1, 1) · eps_abs / sqrt(D), so every token starts inside the ball.
-    u = jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0)
+    if key.ndim == 0:
+        u = jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0)
+    else:  # per-row keys
+        u = jax.vmap(lambda k: jax.random.uniform(k, shape[1:], jnp.float32, -1.0, 1.0))(key)
     return project_l2(u * eps_abs / jnp.sqrt(shape[-1]), eps_abs) * m_in_BxLx1
 
 
@@ -112,6 +116,8 @@ def continuous_attack(
     row_valid_B: jax.Array | None = None,
     emb_norm: jax.Array | float | None = None,
     eval_final: bool = True,
+    group_B: jax.Array | None = None,
+    num_groups: int = 1,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Runs ``cfg.iters`` attack steps; returns ``(delta_BxLxD fp32, diagnostics)``.
 
@@ -119,12 +125,18 @@ def continuous_attack(
       graphdef, lora, frozen: the split model (``mixat_jax.lora.split``); used as constants.
       ids_BxL, mask_BxL, prompt_mask_BxL, target_mask_BxL: right-padded away rows; the target
         mask marks label tokens (response + end of turn).
-      key: randomness for LoRA dropout (if ``cfg.dropout``) and the uniform init.
+      key: randomness for LoRA dropout (if ``cfg.dropout``) and the uniform init: one key, or
+        one key per row ([B]; a row's δ then depends only on its own key and data, so attacking
+        rows together or apart gives the same result).
       eps_abs: absolute per-token radius (``cfg.eps · mean_embedding_norm(E)``).
       row_valid_B: rows that count (invalid rows get delta = 0 and no loss).
       emb_norm: ē for ``relative_lr`` (computed from the embedding matrix if None).
       eval_final: one extra forward to report the loss at the returned delta (forced on by
         ``best_iterate``); otherwise ``loss_after`` is NaN.
+      group_B, num_groups: rows in ``num_groups`` independent groups (e.g. the micro-batches of
+        one optimizer step, attacked together): the objective is the SUM of per-group token means,
+        so each row's gradient equals that of attacking its group alone; reported losses are
+        the mean over groups that have target tokens.
 
     Diagnostics (fp32 scalars unless noted): loss_before (at the initial delta), loss_after,
     loss_trace [iters] (loss at each iterate before its step), delta_norm_mean / delta_norm_max
@@ -151,7 +163,7 @@ def continuous_attack(
     if cfg.relative_lr:
         e_bar = mean_embedding_norm(model.embedding_matrix) if emb_norm is None else emb_norm
         lr_abs = lr_abs * jnp.asarray(e_bar, jnp.float32)
-    k_init, k_loop = jax.random.split(key)
+    k_init, k_loop = layers.split_keys(key, 2)
 
     def logprobs(delta_BxLxD, k):
         emb = emb0_BxLxD + delta_BxLxD * m_in_BxLx1
@@ -166,16 +178,29 @@ def continuous_attack(
             max_targets=cfg.max_targets,
         )
 
+    def group_losses(row_sum_B, weight_BxT):
+        """(objective, reported loss): token means per group, summed / averaged over groups."""
+        if group_B is None:
+            mean = jnp.sum(row_sum_B) / jnp.maximum(jnp.sum(weight_BxT.astype(jnp.float32)), 1.0)
+            return mean, mean
+        den_B = jnp.sum(weight_BxT.astype(jnp.float32), axis=-1)
+        num_G = jax.ops.segment_sum(row_sum_B, group_B, num_groups)
+        den_G = jax.ops.segment_sum(den_B, group_B, num_groups)
+        per_G = num_G / jnp.maximum(den_G, 1.0)
+        return jnp.sum(per_G), jnp.sum(per_G) / jnp.maximum(jnp.sum(den_G > 0), 1)
+
     def objective(delta_BxLxD, k):
         logp, weight, dropped = logprobs(delta_BxLxD, k)
-        return losses.token_mean(-logp, weight), (_row_sums(logp, weight), weight, dropped)
+        row_sum = _row_sums(logp, weight)
+        total, reported = group_losses(row_sum, weight)
+        return total, (row_sum, weight, dropped, reported)
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     adam = optax.scale_by_adam()  # torch Adam defaults (b1 .9, b2 .999, eps 1e-8)
 
     def step(carry, i):
         delta, adam_state, best = carry
-        (loss, (row_sum, _, dropped)), g = grad_fn(delta, jax.random.fold_in(k_loop, i))
+        (_, (row_sum, _, dropped, loss)), g = grad_fn(delta, _fold_in(k_loop, i))
         if cfg.best_iterate:
             best = _keep_better(best, delta, row_sum)
         if cfg.optimizer == "sign":
@@ -196,12 +221,12 @@ def continuous_attack(
     loss_after = jnp.full((), jnp.nan, jnp.float32)
     dropped = dropped_t[0] if cfg.iters else jnp.zeros((), jnp.int32)
     if eval_final or cfg.best_iterate:
-        k_final = jax.random.fold_in(k_loop, cfg.iters)
-        loss_after, (row_sum, weight, dropped) = objective(delta, k_final)
+        k_final = _fold_in(k_loop, cfg.iters)
+        _, (row_sum, weight, dropped, loss_after) = objective(delta, k_final)
         if cfg.best_iterate and cfg.iters:
             delta, best_sum = _keep_better(best, delta, row_sum)
-            count = jnp.maximum(jnp.sum(weight.astype(jnp.float32)), 1.0)
-            loss_after = jnp.sum(jnp.where(jnp.isfinite(best_sum), best_sum, 0.0)) / count
+            best_sum = jnp.where(jnp.isfinite(best_sum), best_sum, 0.0)
+            loss_after = group_losses(best_sum, weight)[1]
     loss_before = trace[0] if cfg.iters else loss_after
     delta = jax.lax.stop_gradient(delta)
     diagnostics = dict(
@@ -214,6 +239,13 @@ def continuous_attack(
         **delta_stats(delta, m_in_BxL, eps_abs),
     )
     return delta, diagnostics
+
+
+def _fold_in(key: jax.Array, i) -> jax.Array:
+    """``fold_in`` for one key or per-row keys."""
+    if key.ndim == 0:
+        return jax.random.fold_in(key, i)
+    return jax.vmap(lambda k: jax.random.fold_in(k, i))(key)
 
 
 def _keep_better(best, delta_BxLxD, row_sum_B):

@@ -59,7 +59,7 @@ class Block(nnx.Module):
         key: jax.Array | None,
         shared_prefix: bool = False,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        keys = [None] * 7 if key is None else list(jax.random.split(key, 7))
+        keys = [None] * 7 if key is None else list(layers.split_keys(key, 7))
         b, l, _ = x_BxLxD.shape
         dt = self.q_proj.kernel[...].dtype  # compute dtype; the residual stream stays fp32
         h = self.input_layernorm(x_BxLxD).astype(dt)
@@ -190,6 +190,8 @@ class Decoder(nnx.Module):
           logits_at_BxT: if given, logits only at these positions ([B, T, V]) — the LM head never
             sees the other positions.
           dropout_key: enables LoRA dropout (training-mode attacks and steps); None = deterministic.
+            One key for the batch, or one key per row ([B] keys: each row's masks depend only on
+            its own key, so results do not depend on how rows are batched).
           return_hidden: return final hidden states (pre-norm) instead of logits.
         Returns:
           (logits fp32 [B, L or T, V] or hidden [B, L or T, D], updated cache or None).
@@ -236,7 +238,7 @@ class Decoder(nnx.Module):
         cos_sin = layers.rope_tables(cfg, positions_BxL)
 
         graphdef, state = nnx.split(self.layers)
-        layer_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
+        layer_keys = None if dropout_key is None else layers.split_keys(dropout_key, cfg.num_layers)
         kv_in = None if cache is None else (cache["k"], cache["v"])
 
         def body(carry, xs):

@@ -91,12 +91,29 @@ class Linear(nnx.Module):
         if self.lora_a is not None:
             h = x
             if dropout_key is not None and self.lora_dropout > 0.0:
-                keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, x.shape)
+                keep = dropout_mask(dropout_key, 1.0 - self.lora_dropout, x.shape)
                 h = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(x.dtype)
             a = self.lora_a[...].astype(x.dtype)
             b = self.lora_b[...].astype(x.dtype)
             y = y + lora_matmul(h, a, b) * jnp.asarray(self.lora_scale, x.dtype)
         return y
+
+
+def split_keys(key: jax.Array, n: int) -> jax.Array:
+    """``n`` keys from one key ([n]) or from per-row keys ([B] -> [n, B], row by row)."""
+    if key.ndim == 0:
+        return jax.random.split(key, n)
+    return jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, n))(key), 0, 1)
+
+
+def dropout_mask(key: jax.Array, keep_prob: float, shape: tuple[int, ...]) -> jax.Array:
+    """Bernoulli keep-mask of ``shape``; per-row keys ([B] = shape[0]) give each row its own
+    mask (the same mask whatever else is in the batch)."""
+    if key.ndim == 0:
+        return jax.random.bernoulli(key, keep_prob, shape)
+    if key.shape != shape[:1]:
+        raise ValueError(f"per-row dropout keys {key.shape} do not match the batch {shape[:1]}")
+    return jax.vmap(lambda k: jax.random.bernoulli(k, keep_prob, shape[1:]))(key)
 
 
 @jax.custom_vjp

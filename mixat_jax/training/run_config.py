@@ -194,6 +194,7 @@ def from_config_dict(c: Mapping[str, Any]) -> RunConfig:
         loss=loss,
         train_dropout=bool(c.get("train_dropout", True)),
         adv_max_targets=_opt_int(c.get("adv_max_targets")),
+        attack_batching=str(c.get("attack_batching", "step")),
     )
     b = c["batch"]
     layout = BatchLayout(

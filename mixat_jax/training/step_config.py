@@ -22,6 +22,7 @@ from mixat_jax.training import losses
 
 VARIANTS = ("mixat", "cat", "discrete_only", "sft")
 ATTACKED_VARIANTS = ("mixat", "cat")
+ATTACK_BATCHING = ("step", "microbatch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +52,11 @@ class StepConfig:
     ``train_dropout``: LoRA dropout in the training passes (reference: training mode, True).
     ``adv_max_targets``: logits only at the first N target tokens of away/toward rows (memory;
     None = all positions, exact). ``pmap_axis_name``: set when the step runs under ``jax.pmap``
-    (gradients and metrics are averaged over that axis).
+    (gradients and metrics are averaged over that axis). ``attack_batching``: ``"step"``
+    (default) attacks the adversarial rows of all G micro-batches in one batched call before the
+    accumulation scan — the parameters do not change within an optimizer step, and per-row keys
+    give each row the same δ as ``"microbatch"`` (one micro-batch at a time, the reference's
+    order; less activation memory). Each micro-batch keeps its own token-mean attack objective.
     """
 
     variant: str = "mixat"
@@ -60,10 +65,15 @@ class StepConfig:
     train_dropout: bool = True
     adv_max_targets: int | None = None
     pmap_axis_name: str | None = None
+    attack_batching: str = "step"
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"step variant {self.variant!r} unknown; use one of {VARIANTS}")
+        if self.attack_batching not in ATTACK_BATCHING:
+            raise ValueError(
+                f"attack_batching {self.attack_batching!r} unknown; use one of {ATTACK_BATCHING}"
+            )
         if self.adv_max_targets is not None and self.adv_max_targets < 1:
             raise ValueError(f"adv_max_targets must be >= 1 or None; got {self.adv_max_targets}")
 
