@@ -6,9 +6,13 @@
    micro-batch axis (a batch without it is treated as G = 1). ``lax.scan`` runs the G
    micro-batches; gradients and losses are the MEAN over micro-batches (spec §3.1: each
    micro-batch loss is divided by the accumulation count).
-2. Per micro-batch: the continuous attack (``attacks.continuous``, jax.grad w.r.t. δ only) on the
-   valid away rows — under ``lax.cond`` so a micro-batch without valid adversarial rows skips it,
-   and not traced at all for the "discrete_only" / "sft" variants or ``attack.iters == 0``.
+2. The continuous attack (``attacks.continuous``, jax.grad w.r.t. δ only) on the valid away rows
+   — by default (``cfg.attack_batching="step"``, ``step_attack``) for the rows of ALL G
+   micro-batches in one batched call before the scan (the parameters are the same for every
+   micro-batch of an optimizer step; each micro-batch keeps its own token-mean objective), or
+   micro-batch by micro-batch (``"microbatch"``); under ``lax.cond`` so rows without valid
+   adversarial slots skip it, and not traced at all for the "discrete_only" / "sft" variants or
+   ``attack.iters == 0``.
 3. C-AdvUL (spec §4): ``away_weight·floor_away(-CE_harm) + toward_weight·floor_toward(CE_safe) +
    utility_weight·CE_util`` with HF token-mean CEs over each sub-batch's valid rows; δ is
    stop_gradient'ed and added (fp32) position by position to the toward rows, whose prompt equals
@@ -18,7 +22,9 @@
 4. Gradients w.r.t. the LoRA state only; the frozen base is an input, never updated; optax update.
 
 Randomness: micro-batch ``g`` uses ``fold_in(key, g)`` (under pmap: the global index
-``axis_index · G + g``, so pmap over devices equals jit over the concatenated micro-batches).
+``axis_index · G + g``, so pmap over devices equals jit over the concatenated micro-batches);
+attack rows use per-row keys from (key, global g, slot) (``attack_row_keys``), so "step" and
+"microbatch" attack batching, jit and pmap all give each row the same δ.
 LoRA dropout is on in training passes (``cfg.train_dropout``) and in attack passes
 (``cfg.attack.dropout``), as in the reference (spec §11.2).
 
