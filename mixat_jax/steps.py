@@ -336,10 +336,9 @@ def _accumulate(state: TrainState, batch, key, cfg: StepConfig, with_grads: bool
     offset = 0 if cfg.pmap_axis_name is None else jax.lax.axis_index(cfg.pmap_axis_name) * g
 
     step_wide = cfg.runs_attack and cfg.attack_batching == "step"
+    deltas = diag = None  # None: an empty scan input
     if step_wide:  # all micro-batches' attacks in one batched call, before the scan
         deltas, diag = step_attack(state, batch, key, offset, cfg)
-    else:
-        deltas, diag = jnp.zeros((g,), jnp.float32), None
 
     def body(carry, xs):
         grad_sum, acc = carry

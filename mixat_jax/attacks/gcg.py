@@ -449,7 +449,7 @@ def gcg_step(
         pad = spec.padded_width - spec.width  # padding rows are masked below; never evaluated
         loss = jnp.concatenate([loss_w, jnp.full((pad,), jnp.inf, loss_w.dtype)])
         hit = jnp.concatenate([hit_w, jnp.zeros((pad,), bool)])
-    elif spec.levels is not None and not spec.spread:
+    elif spec.levels is not None:  # set only for random positions (``_step_spec``)
         loss, hit = sorted_candidate_losses(
             graphdef, params, cache, ids_S, cand, layout, chunk=spec.chunk, levels=spec.levels,
             data_axes=spec.data_axes, **mm,
