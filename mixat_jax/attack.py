@@ -22,6 +22,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from mixat_jax import cli as cli_lib
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Attack config file (configs/attack/*.py).")
 flags.DEFINE_string("workdir", None, "Output directory (created; file mode resumes from it).")
@@ -30,20 +32,16 @@ flags.DEFINE_string("workdir", None, "Output directory (created; file mode resum
 def main(argv) -> int:
     del argv
     if FLAGS.config is None or not FLAGS.workdir:
-        print("error: --config and --workdir are required", file=sys.stderr)
-        return 2
+        raise ValueError("--config and --workdir are required")
+    cli_lib.check_output_dir(FLAGS.workdir)
     from mixat_jax.attacks.attack_run import run
 
-    try:
-        run(FLAGS.config, FLAGS.workdir)
-    except ValueError as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
+    run(FLAGS.config, FLAGS.workdir)
     return 0
 
 
 def cli() -> None:
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(cli_lib.run_main(lambda: main(argv))))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from mixat_jax import cli as cli_lib
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Evaluation suite config file (configs/eval/*.py).")
 flags.DEFINE_string("workdir", None, "Output directory (created; re-runs resume from it).")
@@ -28,21 +30,17 @@ flags.DEFINE_string("workdir", None, "Output directory (created; re-runs resume 
 def main(argv) -> int:
     del argv
     if FLAGS.config is None:
-        print("error: --config is required (e.g. configs/eval/tiny.py)", file=sys.stderr)
-        return 2
+        raise ValueError("--config is required (e.g. configs/eval/tiny.py)")
+    if FLAGS.workdir:
+        cli_lib.check_output_dir(FLAGS.workdir)
     from mixat_jax.evaluation.pipeline import run
 
-    try:
-        run(FLAGS.config, FLAGS.workdir or "")
-    except ValueError as e:
-        msg = " ".join(str(e).split())
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    run(FLAGS.config, FLAGS.workdir or "")
     return 0
 
 
 def cli() -> None:
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(cli_lib.run_main(lambda: main(argv))))
 
 
 if __name__ == "__main__":

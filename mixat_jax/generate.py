@@ -13,6 +13,8 @@ import sys
 
 from absl import app, flags
 
+from mixat_jax import cli as cli_lib
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "HF model directory (or hub id, downloaded on request).")
 flags.DEFINE_string("adapter", None, "PEFT LoRA adapter directory.")
@@ -54,7 +56,7 @@ def main(argv) -> int:
 def run() -> None:
     # the documented spelling is --no-chat; absl spells negated booleans --nochat
     sys.argv = ["--nochat" if a == "--no-chat" else a for a in sys.argv]
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(cli_lib.run_main(lambda: main(argv))))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from mixat_jax import cli as cli_lib
 from mixat_jax.attacks.llm_interface import call_seed
 from mixat_jax.attacks.pap import POOL_FIELDS, PAPConfig, PAPRewriter, load_pool
 from mixat_jax.attacks.persuasion_taxonomy import PERSUASION_TECHNIQUES
@@ -171,6 +172,7 @@ def main(argv) -> int:
     try:
         behaviors = read_behaviors(FLAGS.behaviors)
         out = Path(FLAGS.out)
+        cli_lib.check_output_dir(out.parent, "--out")
         if FLAGS.n_per_technique < 1:
             raise ValueError(f"--n_per_technique must be >= 1; got {FLAGS.n_per_technique}")
         if FLAGS.model == TEMPLATE:
@@ -209,7 +211,7 @@ def main(argv) -> int:
 
 def cli() -> None:
     define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(cli_lib.run_main(lambda: main(argv))))
 
 
 if __name__ == "__main__":

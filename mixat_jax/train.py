@@ -8,8 +8,10 @@ Writes ``OUT/config.json``, ``OUT/metrics.jsonl`` (one record per optimizer step
 TensorBoard events in ``OUT/tb``, orbax checkpoints in ``OUT/checkpoints`` and, at the end,
 the PEFT adapter in ``OUT/adapter``. ``configs/demo.py`` runs the embedded demo instead
 (measure → MixAT → measure; ``--workdir`` defaults to ``runs/demo``). Re-running the same command resumes from the newest
-checkpoint. SIGTERM saves a checkpoint and exits with status 143; bad input prints one line on
-stderr and exits with status 2 (nothing in OUT is modified). With ``MIXAT_JAX_DISTRIBUTED=1``
+checkpoint. SIGTERM saves a checkpoint and exits with status 143, Ctrl-C (SIGINT) likewise with
+130 (a second Ctrl-C stops at once; the last periodic checkpoint stays intact); bad input, an
+unusable ``--workdir`` included, prints one line on stderr and exits with status 2 (nothing in OUT
+is modified). With ``MIXAT_JAX_DISTRIBUTED=1``
 (set by ``launch/``) ``jax.distributed.initialize()`` runs before any device is touched;
 ``MIXAT_JAX_COORDINATOR`` / ``MIXAT_JAX_NUM_PROCESSES`` / ``MIXAT_JAX_PROCESS_ID`` pass its
 arguments explicitly (local multi-process runs; CPU processes use gloo collectives).
@@ -23,12 +25,14 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mixat_jax import cli as cli_lib
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).")
 flags.DEFINE_string("workdir", None, "Run directory (created; re-runs resume from it).")
 
-EXIT_BAD_INPUT = 2
-EXIT_PREEMPTED = 143
+EXIT_BAD_INPUT = cli_lib.EXIT_BAD_INPUT
+EXIT_STATUS = {"preempted": cli_lib.EXIT_PREEMPTED, "interrupted": cli_lib.EXIT_INTERRUPTED}
 
 
 def main(argv) -> int:
@@ -38,16 +42,14 @@ def main(argv) -> int:
         if config is not None:
             config.to_dict()  # config_flags loads the file lazily; surface its errors here
     except OSError as e:  # the config file failed to load (reported lazily by config_flags)
-        print(f"error: cannot load --config: {_last_line(e)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise ValueError(f"cannot load --config: {_last_line(e)}") from None
     if config is None:
-        print("error: --config is required", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise ValueError("--config is required")
     is_demo = "demo" in config
     workdir = FLAGS.workdir or (config.demo.workdir if is_demo else None)
     if not workdir:
-        print("error: --workdir is required", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise ValueError("--workdir is required")
+    cli_lib.check_output_dir(workdir)
     if FLAGS.verbosity == 0:  # orbax/absl INFO chatter off unless -v is given
         logging.set_verbosity(logging.WARNING)
     import jax
@@ -57,20 +59,12 @@ def main(argv) -> int:
     if is_demo:  # configs/demo.py: measure, train, measure (mixat_jax/demo/run.py)
         from mixat_jax.demo.run import run_demo
 
-        try:
-            run_demo(config, workdir)
-        except ValueError as e:
-            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+        run_demo(config, workdir)
         return 0
     from mixat_jax.training.loop import run
 
-    try:
-        status = run(config, workdir)
-    except ValueError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return EXIT_PREEMPTED if status == "preempted" else 0
+    status = run(config, workdir)
+    return EXIT_STATUS.get(status, 0)
 
 
 def _initialize_distributed(jax) -> None:
@@ -107,7 +101,7 @@ def _last_line(e: BaseException) -> str:
 
 
 def cli() -> None:
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
+    app.run(lambda argv: sys.exit(cli_lib.run_main(lambda: main(argv))), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

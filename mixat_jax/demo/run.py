@@ -26,6 +26,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from mixat_jax import cli as cli_lib
 from mixat_jax.demo.base import build_base, shipped_base_dir
 from mixat_jax.training.synthetic import is_correct, safety_world
 
@@ -174,7 +175,10 @@ def train_variant(config, variant: str, model: Path, out: Path) -> Path:
     log(f"training {variant} ({c.steps} steps) in {wd}")
     status = loop.run(c, wd)
     if status != "finished":
-        raise SystemExit(f"training {variant} {status}; re-run the same command to resume")
+        code = {"preempted": cli_lib.EXIT_PREEMPTED, "interrupted": cli_lib.EXIT_INTERRUPTED}
+        raise cli_lib.Stopped(
+            f"training {variant} {status}; re-run the same command to resume", code.get(status, 1)
+        )
     return wd / "adapter"
 
 

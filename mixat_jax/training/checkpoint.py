@@ -174,33 +174,53 @@ class Checkpointer:
 
 
 class PreemptionFlag:
-    """Set by SIGTERM; the training loop checks ``flag.requested`` after each step."""
+    """Set by SIGTERM (pod preemption) or SIGINT (Ctrl-C); the training loop checks
+    ``flag.requested`` after each step, saves a checkpoint and stops."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
         self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
 
     @property
     def requested(self) -> bool:
         return self._event.is_set()
 
+    @property
+    def status(self) -> str:
+        """ "interrupted" (Ctrl-C) or "preempted" (SIGTERM or a multi-host preemption sync)."""
+        return "interrupted" if self.signum == signal.SIGINT else "preempted"
+
     def set(self, signum: int | None = None) -> None:
         self.signum = signum
         self._event.set()
 
+    def restore(self) -> None:
+        """Puts back the handlers that were installed before (Ctrl-C raises KeyboardInterrupt
+        again once the loop is over)."""
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
+
 
 def install_sigterm_handler(
-    callback: Callable[[int], None] | None = None, *, signals: tuple[int, ...] = (signal.SIGTERM,)
+    callback: Callable[[int], None] | None = None,
+    *,
+    signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
 ) -> PreemptionFlag:
     """Install a handler that only sets a flag (and calls ``callback(signum)``, keep it cheap).
 
     The loop then saves a checkpoint at the current step and exits; nothing heavy happens inside
-    the signal handler. Must be called from the main thread.
+    the signal handler. A second Ctrl-C while the flag is already set raises KeyboardInterrupt
+    (stop now, without the final save; the last periodic checkpoint is intact because orbax
+    finalises a checkpoint only once it is complete). Must be called from the main thread.
     """
     flag = PreemptionFlag()
 
     def handler(signum: int, frame: object) -> None:
         del frame
+        if signum == signal.SIGINT and flag.requested:
+            raise KeyboardInterrupt
         flag.set(signum)
         if callback is not None:
             callback(signum)
@@ -208,5 +228,5 @@ def install_sigterm_handler(
     if threading.current_thread() is not threading.main_thread():
         raise ValueError("install_sigterm_handler must be called from the main thread")
     for s in signals:
-        signal.signal(s, handler)
+        flag._previous[s] = signal.signal(s, handler)
     return flag

@@ -379,8 +379,16 @@ def write_adapter(run: Run, state) -> Path:
 
 # ------------------------------------------------------------------------------ the run
 def run(config, workdir: str | Path) -> str:
-    """Train; returns "finished", "stopped" (stop_after) or "preempted" (SIGTERM)."""
+    """Train; returns "finished", "stopped" (stop_after), "preempted" (SIGTERM) or "interrupted"
+    (Ctrl-C). A stop on a signal saves a checkpoint first."""
     preempt = ckpt_lib.install_sigterm_handler()
+    try:
+        return _run(config, workdir, preempt)
+    finally:
+        preempt.restore()
+
+
+def _run(config, workdir: str | Path, preempt: ckpt_lib.PreemptionFlag) -> str:
     compiles = CompileCounter()
     r = setup(config, workdir, should_abort=lambda: preempt.requested)
     cfg = r.cfg
@@ -407,13 +415,13 @@ def run(config, workdir: str | Path) -> str:
         with jax.set_mesh(r.mesh):
             while step < r.steps:
                 if preempt.requested:
-                    status = "preempted"
+                    status = preempt.status
                     break
                 t0 = time.perf_counter()
                 try:
                     batch_np, host = build_batch(r, step, model_fn)
                 except discrete_lib.RewriteAborted:
-                    status = "preempted"
+                    status = preempt.status
                     break
                 t1 = time.perf_counter()
                 batch, key = global_batch(batch_np, r.mesh), jax.random.fold_in(root_key, step)
