@@ -70,7 +70,7 @@ def save_merged(
     out.mkdir(parents=True, exist_ok=True)
     kernels = lora_lib.merged_kernels(model)
     tensors: dict[str, np.ndarray] = {}
-    for rule in keys.RULES:
+    for rule in keys.rules_for(cfg.model_type):
         node = model
         for p in rule.path[:-1] if rule.path[-1] in ("kernel", "bias", "weight") else rule.path:
             node = getattr(node, p, None)

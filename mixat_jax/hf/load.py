@@ -144,8 +144,13 @@ def _fill_state(
 def load_weights(
     directory: Path, cfg: ModelConfig, mesh: Mesh | None = None, rules=mesh_lib.DEFAULT_RULES
 ) -> Decoder:
-    """Builds the Decoder for `cfg` with weights streamed from the checkpoint in `directory`."""
+    """Builds the Decoder for `cfg` with weights streamed from the checkpoint in `directory`.
+
+    Tensor names come from the key table of `cfg.model_type` (`keys.rules_for`).
+    """
     ckpt = open_checkpoint(directory)
+    table = keys.rules_for(cfg.model_type)
+    head_name = next(keys.hf_name(r, None) for r in table if r.path == ("lm_head",))
     abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     wanted = {tuple(str(p) for p in path) for path, _ in state.flat_state()}
@@ -153,11 +158,9 @@ def load_weights(
     rule_of: dict[tuple[str, ...], keys.Rule] = {}
     unexpected = []
     for name in ckpt:
-        m = keys.match(name)
+        m = keys.match(name, table)
         if m is None or m[0].path not in wanted:
-            if not _IGNORED.match(name) and not (
-                name == "lm_head.weight" and cfg.tie_word_embeddings
-            ):
+            if not _IGNORED.match(name) and not (name == head_name and cfg.tie_word_embeddings):
                 unexpected.append(name)
             continue
         rule, layer = m
@@ -175,7 +178,7 @@ def load_weights(
         idx = list(range(cfg.num_layers)) if stacked else [None]
         lacking = [i for i in idx if i not in got]
         if lacking:
-            rule = rule_of.get(path) or next(r for r in keys.RULES if r.path == path)
+            rule = rule_of.get(path) or next(r for r in table if r.path == path)
             missing += [keys.hf_name(rule, i) for i in lacking]
             continue
         rule = rule_of[path]
@@ -298,7 +301,7 @@ def load_pretrained(
     with_tokenizer: bool = True,
     **config_overrides: Any,
 ):
-    """Loads an HF Llama/Mistral/Qwen2 checkpoint (+ optional PEFT adapter).
+    """Loads an HF Llama/Mistral/Qwen2 or masked-diffusion LLaDA/Dream checkpoint (+ PEFT adapter).
 
     Returns `(model, tokenizer)` (tokenizer is None when `with_tokenizer=False`).
     `dtype`: "float32" | "bfloat16" | None (checkpoint's own dtype).

@@ -1,5 +1,8 @@
 """Model and LoRA configuration for the decoder family (Llama 2/3/3.1, Mistral/Zephyr, Qwen2/2.5).
 
+Masked-diffusion LMs (LLaDA, Dream; DAT spec §5) are read and written by `diffusion_config`,
+to which `from_hf` / `to_hf` dispatch on `model_type`.
+
 `ModelConfig.from_hf(config_json)` reads a Hugging Face `config.json` and refuses anything the
 decoder would silently compute differently (unknown `model_type`, activations other than SiLU,
 unsupported RoPE scaling types, Qwen2 sliding windows that are actually in use, ...).
@@ -51,6 +54,10 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     causal: bool = True  # False: bidirectional attention (masked-diffusion LMs, DAT)
+    # Masked-diffusion LMs (LLaDA, Dream; DAT spec §5): the [MASK] token id, and whether the
+    # logits at position i predict token i + 1 (Dream keeps its AR initialisation's shift).
+    mask_token_id: int | None = None
+    shift_logits: bool = False
     dtype: str = "float32"  # parameter + activation dtype ("float32" | "bfloat16")
     remat: bool = False  # jax.checkpoint around each decoder block
 
@@ -76,10 +83,14 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> ModelConfig:
         """Builds a config from a parsed HF `config.json`; raises ValueError on unsupported options."""
         mt = hf.get("model_type")
+        if isinstance(mt, str) and mt.lower() in ("llada", "dream"):
+            from mixat_jax.models import diffusion_config  # masked-diffusion LMs (DAT spec §5)
+
+            return diffusion_config.from_hf(hf, **overrides)
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
-                f"unsupported model_type {mt!r}: mixat_jax supports {', '.join(SUPPORTED_MODEL_TYPES)}; "
-                "convert the checkpoint to one of these families"
+                f"unsupported model_type {mt!r}: mixat_jax supports {', '.join(SUPPORTED_MODEL_TYPES)} "
+                "(causal) and llada, Dream (masked diffusion); convert the checkpoint to one of these families"
             )
         act = hf.get("hidden_act", "silu")
         if act != "silu":
@@ -155,6 +166,10 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict for this architecture (for merged-weight export)."""
+        if self.model_type in ("llada", "dream"):
+            from mixat_jax.models import diffusion_config  # the family's own layout
+
+            return diffusion_config.to_hf(self)
         arch = {
             "llama": "LlamaForCausalLM",
             "mistral": "MistralForCausalLM",
