@@ -24,7 +24,12 @@ def test_shared_prefix_cache_equals_full_forward(sliding_window):
     fm = jnp.concatenate([jnp.broadcast_to(pm, (6, 5)), rm], 1)
     ref = m(full, fm)[:, 5:]
     real = np.asarray(rm)
-    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=1e-5)
+    # Shared-prefix cache + 4-token pass vs one 9-token pass: different programs, attention sums
+    # split differently (prefix/own scores concatenated), so fp32 equality only up to
+    # reassociation of length <= 128 dots: measured 3e-7 x max|logits| on AMD EPYC. 1e-5 x max
+    # (30x headroom) still catches a wrong cache offset/mask (>= 1e-2 x max).
+    atol = 1e-5 * np.abs(np.asarray(ref)[real]).max()
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=atol)
 
 
 def test_num_params_matches_state():

@@ -16,6 +16,20 @@ from mixat_jax import load_pretrained, lora, save_adapter, save_merged  # noqa: 
 from mixat_jax.models.config import LoraConfig  # noqa: E402
 from tests.hf_builders import build_tiny_hf_checkpoint, build_tiny_peft_adapter  # noqa: E402
 
+# Tolerances, as multiples of max|logits| (~3-4 here), chosen to hold on any x86 CPU (issue #15).
+# Every comparison is fp32 on both sides; what differs is the summation order of the dot products
+# (length <= 128): torch/peft (oneDNN/MKL) vs XLA:CPU choose different kernels per CPU, and the
+# adapter path x@W + s*(x@A)@B vs the merged x@(W + s*B@A) is a different association of the same
+# sum. That error is ~sqrt(K)*2^-24 per dot, compounded over 2 layers + head: measured on AMD EPYC
+# <= 1.3e-6 * max|logits| for every comparison below. A wrong scaling, target module, transpose or
+# missing adapter moves logits by >= 0.1 * max|logits| (asserted for "plain vs adapter" below).
+CROSS_RTOL = 3e-5  # torch vs XLA, or adapter vs merged weights: >20x the measured error
+SAME_RTOL = 1e-5  # two XLA programs of the same fp32 math (bitwise on AMD EPYC)
+
+
+def _atol(ref, real, rtol):
+    return rtol * np.abs(ref[real]).max()
+
 
 def _ids():
     rng = np.random.RandomState(1)
@@ -49,8 +63,9 @@ def test_import_peft_adapter_matches_peft(tmp_path, targets):
     assert set(model.lora_config().targets) == set(targets)
     got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
     real = mask.astype(bool)
-    assert np.abs(got - ref)[real].max() < 1e-4
+    assert np.abs(got - ref)[real].max() < _atol(ref, real, CROSS_RTOL)  # ~1e-4
     plain, _ = load_pretrained(base)
+    # without the adapter the logits move by ~0.6-1.3 x max|logits| (measured): far outside
     assert np.abs(np.asarray(plain(jnp.asarray(ids), jnp.asarray(mask))) - ref)[real].max() > 1e-3
 
 
@@ -68,10 +83,14 @@ def test_export_adapter_loads_in_peft_and_round_trips(tmp_path):
     ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
     ref = _peft_logits(base, out, ids, mask)
     real = mask.astype(bool)
-    assert np.abs(ours - ref)[real].max() < 1e-4
+    assert np.abs(ours - ref)[real].max() < _atol(ref, real, CROSS_RTOL)  # ~1e-4
     again, _ = load_pretrained(base, adapter=out)
+    # fp32 adapter round-trips bit-exactly through safetensors, but the reloaded model is built by
+    # another code path (its graph/program may differ): equal up to reassociation.
     np.testing.assert_allclose(
-        np.asarray(again(jnp.asarray(ids), jnp.asarray(mask)))[real], ours[real], atol=1e-5
+        np.asarray(again(jnp.asarray(ids), jnp.asarray(mask)))[real],
+        ours[real],
+        atol=_atol(ours, real, SAME_RTOL),
     )
 
 
@@ -87,11 +106,16 @@ def test_merged_export_equals_adapted_model(tmp_path):
         ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
     real = mask.astype(bool)
-    assert np.abs(got - ref)[real].max() < 1e-4
+    # torch on merged weights vs our adapter path: both reassociations at once (CROSS_RTOL)
+    assert np.abs(got - ref)[real].max() < _atol(ref, real, CROSS_RTOL)  # ~1e-4
     merged, _ = load_pretrained(merged_dir)
     assert merged.lora_config() is None
+    # ours on merged weights vs ours with the adapter: W + s*B@A rounded once per weight vs the
+    # unmerged sum (3.8e-6 measured, 1e-6 x max|logits|)
     np.testing.assert_allclose(
-        np.asarray(merged(jnp.asarray(ids), jnp.asarray(mask)))[real], got[real], atol=1e-4
+        np.asarray(merged(jnp.asarray(ids), jnp.asarray(mask)))[real],
+        got[real],
+        atol=_atol(got, real, CROSS_RTOL),
     )
 
 
@@ -109,13 +133,16 @@ def test_split_separates_lora_from_frozen(tmp_path):
     )
     assert all("lora" in "/".join(map(str, p)) for p, _ in lo.flat_state())
     assert not any("lora" in "/".join(map(str, p)) for p, _ in fr.flat_state())
-    # fresh adapters (B = 0) leave the model unchanged
+    # fresh adapters (B = 0) leave the model unchanged: the LoRA branch adds exactly 0, but the
+    # LoRA model is a different program than the plain one (fusion may reorder the base dot), so
+    # equal only up to fp32 reassociation (bitwise on AMD EPYC). Old atol 1e-6 was 2e-7 x max.
     ids, mask = _ids()
     plain, _ = load_pretrained(base)
+    want = np.asarray(plain(jnp.asarray(ids), jnp.asarray(mask)))
     np.testing.assert_allclose(
         np.asarray(lora.merge(g, lo, fr)(jnp.asarray(ids), jnp.asarray(mask))),
-        np.asarray(plain(jnp.asarray(ids), jnp.asarray(mask))),
-        atol=1e-6,
+        want,
+        atol=SAME_RTOL * np.abs(want).max(),
     )
 
 
