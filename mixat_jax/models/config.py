@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from mixat_jax.models import diffusion_config
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -83,10 +85,17 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> ModelConfig:
         """Builds a config from a parsed HF `config.json`; raises ValueError on unsupported options."""
         mt = hf.get("model_type")
-        if isinstance(mt, str) and mt.lower() in ("llada", "dream"):
-            from mixat_jax.models import diffusion_config  # masked-diffusion LMs (DAT spec §5)
-
-            return diffusion_config.from_hf(hf, **overrides)
+        family = mt.lower() if isinstance(mt, str) else mt
+        if family == "llada":  # masked-diffusion LMs (DAT spec §5): their own config layouts
+            fields, vocab = diffusion_config.llada_fields(hf)
+            cfg = cls(**fields).replace(**overrides)
+            diffusion_config.check_mask_token(cfg, vocab)
+            return cfg
+        if family == "dream":
+            fields = diffusion_config.dream_fields(hf)
+            cfg = cls.from_hf({**hf, "model_type": "qwen2"}).replace(**fields, **overrides)
+            diffusion_config.check_mask_token(cfg)
+            return cfg
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"unsupported model_type {mt!r}: mixat_jax supports {', '.join(SUPPORTED_MODEL_TYPES)} "
@@ -166,10 +175,10 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict for this architecture (for merged-weight export)."""
-        if self.model_type in ("llada", "dream"):
-            from mixat_jax.models import diffusion_config  # the family's own layout
-
-            return diffusion_config.to_hf(self)
+        if self.model_type == "llada":  # the family's own layout
+            return diffusion_config.llada_to_hf(self)
+        if self.model_type == "dream":
+            return diffusion_config.dream_to_hf(self)
         arch = {
             "llama": "LlamaForCausalLM",
             "mistral": "MistralForCausalLM",

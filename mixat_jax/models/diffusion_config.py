@@ -1,4 +1,7 @@
-"""Masked-diffusion LM configs -> `ModelConfig` (DAT spec §5.1 LLaDA, §5.2 Dream, §5.5 tiny models).
+"""Masked-diffusion LM configs: LLaDA's and Dream's `config.json` vocabulary <-> `ModelConfig` fields
+(DAT spec §5.1 LLaDA, §5.2 Dream, §5.5 tiny models). `ModelConfig.from_hf` / `to_hf` dispatch here
+by `model_type`; this module builds field dicts and checks configs (duck-typed), so it does not
+import `config` back.
 
 Both families run on the shared `Decoder` with bidirectional attention (`causal=False`):
 
@@ -22,8 +25,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from mixat_jax.models.config import ModelConfig
-
 DIFFUSION_MODEL_TYPES = ("llada", "dream")
 LLADA_DEFAULT_MASK_ID = 126336  # `<|mdm_mask|>` of the LLaDA-8B tokenizer (spec §5.1)
 DREAM_DEFAULT_MASK_ID = 151666  # Dream 7B (spec §5.2); DreamConfig's own default
@@ -35,11 +36,11 @@ def is_diffusion_hf(hf: dict[str, Any]) -> bool:
     return isinstance(mt, str) and mt.lower() in DIFFUSION_MODEL_TYPES
 
 
-def is_diffusion(cfg: ModelConfig) -> bool:
+def is_diffusion(cfg: Any) -> bool:
     return not cfg.causal
 
 
-def require_diffusion(cfg: ModelConfig, what: str) -> None:
+def require_diffusion(cfg: Any, what: str) -> None:
     """Raises a one-line ValueError unless `cfg` is a masked-diffusion LM with a [MASK] id."""
     if cfg.causal:
         raise ValueError(
@@ -52,7 +53,7 @@ def require_diffusion(cfg: ModelConfig, what: str) -> None:
         )
 
 
-def require_causal(cfg: ModelConfig, what: str) -> None:
+def require_causal(cfg: Any, what: str) -> None:
     """Raises a one-line ValueError unless `cfg` is a causal (autoregressive) LM."""
     if not cfg.causal:
         raise ValueError(
@@ -61,7 +62,7 @@ def require_causal(cfg: ModelConfig, what: str) -> None:
         )
 
 
-def check_mask_token(cfg: ModelConfig, vocab_size: int | None = None) -> None:
+def check_mask_token(cfg: Any, vocab_size: int | None = None) -> None:
     """The [MASK] id must be a token of the vocabulary and must not be the pad id."""
     vocab = cfg.vocab_size if vocab_size is None else vocab_size
     m = cfg.mask_token_id
@@ -196,8 +197,9 @@ def _llada_kv_heads(hf: dict[str, Any], n_heads: int) -> int:
     return n_kv
 
 
-def llada_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
-    """LLaDA's own `config.json` layout -> bidirectional ModelConfig (raises on unsupported options)."""
+def llada_fields(hf: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """LLaDA's own `config.json` layout -> (`ModelConfig` fields of the bidirectional decoder, the
+    tokenizer vocabulary size for the mask-id check); raises on unsupported options."""
     _llada_checks(hf)
     d = int(hf["d_model"])
     n_heads = int(hf["n_heads"])
@@ -218,7 +220,7 @@ def llada_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
         )
     mlp = hf.get("mlp_hidden_size")
     ff = int(mlp) if mlp is not None else int(hf.get("mlp_ratio", 4)) * d
-    cfg = ModelConfig(
+    fields = dict(
         vocab_size=rows,  # wte / ff_out have embedding_size rows; logits cover all of them
         hidden_size=d,
         intermediate_size=ff,
@@ -238,12 +240,11 @@ def llada_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
         causal=False,
         mask_token_id=int(hf.get("mask_token_id", LLADA_DEFAULT_MASK_ID)),
         shift_logits=False,
-    ).replace(**overrides)
-    check_mask_token(cfg, vocab)
-    return cfg
+    )
+    return fields, vocab
 
 
-def llada_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+def llada_to_hf(cfg: Any) -> dict[str, Any]:
     """LLaDA's own `config.json` layout (loads back with `llada_from_hf`)."""
     eos = list(cfg.eos_token_ids)
     return {
@@ -285,8 +286,9 @@ def llada_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------- Dream
-def dream_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
-    """Dream (Qwen2 names, `model_type: "Dream"`) -> bidirectional ModelConfig with shifted logits."""
+def dream_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """Dream (Qwen2 names, `model_type: "Dream"`): the fields that turn the Qwen2 parse of the same
+    `config.json` into the bidirectional decoder with shifted logits."""
     hidden, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     head_dim = hf.get("head_dim")
     if head_dim is not None and int(head_dim) != hidden // n_heads:
@@ -294,10 +296,9 @@ def dream_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
             f"Dream config head_dim={head_dim} is not supported (Dream's attention uses "
             f"hidden_size // num_attention_heads = {hidden // n_heads}); remove head_dim"
         )
-    # Qwen2 field names and checks (activation, RoPE scaling, sliding window); Dream's modelling
-    # code hard-codes q/k/v biases and bias-free o_proj/MLP whatever the config says.
-    base = ModelConfig.from_hf({**hf, "model_type": "qwen2"})
-    cfg = base.replace(
+    # The Qwen2 parse supplies names and checks (activation, RoPE scaling, sliding window); Dream's
+    # modelling code hard-codes q/k/v biases and bias-free o_proj/MLP whatever the config says.
+    return dict(
         model_type="dream",
         qkv_bias=True,
         o_bias=False,
@@ -305,32 +306,12 @@ def dream_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
         causal=False,
         shift_logits=True,
         mask_token_id=int(hf.get("mask_token_id", DREAM_DEFAULT_MASK_ID)),
-    ).replace(**overrides)
-    check_mask_token(cfg)
-    return cfg
+    )
 
 
-def dream_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+def dream_to_hf(cfg: Any) -> dict[str, Any]:
     """Dream's `config.json` (Qwen2 names plus `mask_token_id`; loads back with `dream_from_hf`)."""
     out = cfg.replace(model_type="qwen2").to_hf()
     out.pop("head_dim", None)
     out.update(architectures=["DreamModel"], model_type="Dream", mask_token_id=cfg.mask_token_id)
     return out
-
-
-# ------------------------------------------------------------------------------------ dispatch
-def from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
-    mt = str(hf.get("model_type")).lower()
-    if mt == "llada":
-        return llada_from_hf(hf, **overrides)
-    if mt == "dream":
-        return dream_from_hf(hf, **overrides)
-    raise ValueError(f"model_type {hf.get('model_type')!r} is not a masked-diffusion family")
-
-
-def to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    if cfg.model_type == "llada":
-        return llada_to_hf(cfg)
-    if cfg.model_type == "dream":
-        return dream_to_hf(cfg)
-    raise ValueError(f"model_type {cfg.model_type!r} is not a masked-diffusion family")
