@@ -34,6 +34,7 @@ def main(argv) -> int:
     if FLAGS.config is None or not FLAGS.workdir:
         raise ValueError("--config and --workdir are required")
     cli_lib.check_output_dir(FLAGS.workdir)
+    # lazy: the pipeline loads only once flags are valid
     from mixat_jax.attacks.attack_run import run
 
     run(FLAGS.config, FLAGS.workdir)

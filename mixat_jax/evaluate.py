@@ -33,6 +33,7 @@ def main(argv) -> int:
         raise ValueError("--config is required (e.g. configs/eval/tiny.py)")
     if FLAGS.workdir:
         cli_lib.check_output_dir(FLAGS.workdir)
+    # lazy: the pipeline loads only once flags are valid
     from mixat_jax.evaluation.pipeline import run
 
     run(FLAGS.config, FLAGS.workdir or "")

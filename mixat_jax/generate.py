@@ -32,6 +32,7 @@ def main(argv) -> int:
     if not FLAGS.model or FLAGS.prompt is None:
         print("error: --model and --prompt are required", file=sys.stderr)
         return 2
+    # lazy: the pipeline loads only once flags are valid
     from mixat_jax.sampling import TextGenerator
 
     try:

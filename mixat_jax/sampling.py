@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mixat_jax.chat import ChatRenderer
+from mixat_jax.hf.load import load_pretrained
 from mixat_jax.models.decoder import Decoder
 
 
@@ -121,8 +123,6 @@ class TextGenerator:
         system_prompt: str | None = None,
         max_prompt_tokens: int = 2048,
     ):
-        from mixat_jax.chat import ChatRenderer
-
         self.model = model
         self.tokenizer = tokenizer
         self.renderer = ChatRenderer(tokenizer, system_prompt=system_prompt)
@@ -141,8 +141,6 @@ class TextGenerator:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, adapter=None, dtype=None, mesh=None, **kw):
-        from mixat_jax.hf.load import load_pretrained
-
         model, tok = load_pretrained(path, adapter=adapter, dtype=dtype, mesh=mesh)
         return cls(model, tok, **kw)
 

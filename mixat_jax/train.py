@@ -57,10 +57,12 @@ def main(argv) -> int:
     if os.environ.get("MIXAT_JAX_DISTRIBUTED") == "1":
         _initialize_distributed(jax)
     if is_demo:  # configs/demo.py: measure, train, measure (mixat_jax/demo/run.py)
+        # lazy: the pipeline loads only once flags are valid
         from mixat_jax.demo.run import run_demo
 
         run_demo(config, workdir)
         return 0
+    # lazy: the pipeline loads only once flags are valid
     from mixat_jax.training.loop import run
 
     status = run(config, workdir)
