@@ -24,6 +24,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
+from mixat_jax import cli as cli_lib
 from mixat_jax.hf.export import save_merged
 from mixat_jax.models import diffusion_config
 from mixat_jax.models.config import ModelConfig
@@ -191,5 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> None:
+    """Console script ``mixat-tiny-model``; Ctrl-C and unwritable paths end in one line."""
+    sys.exit(cli_lib.run_main(main))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
