@@ -1,0 +1,198 @@
+"""Prompt inpainting with a masked-diffusion LM: DAT Stage A step 1 (DAT spec §2.2, §5.4).
+
+For each response y and sample j the canvas is `[MASK] × P` followed by
+`tokenizer(answer_prefix + y, add_special_tokens=True)` (so LLaDA's BOS sits right after the mask
+block); for Dream-style models (`shift_logits`) a BOS (or, for tokenizers without one such as
+Qwen's, the EOS `<|endoftext|>` document separator) is put before the mask block, since their
+first canvas token must be known. Rows (responses × samples) are right-padded with the pad id
+(≠ [MASK]) to one canvas length (P + the longest answer, rounded up to a multiple of 16 and
+capped at `max_position_embeddings`) and cut into batches of one fixed size (the last batch is
+filled with copies of its last row), so `sample` compiles once per call. The editable span is the
+mask block; the P inpainted tokens are decoded without special tokens and stripped.
+
+Default sampler (`default_sampler`) = the Lüdke/AAPL settings (§5.4): steps = P, T = 0,
+low-confidence remasking, conditioning dropout, global remasking every 8 steps. The tokenizer's
+BOS/EOS/PAD ids are always added to `suppress_ids`. Batch b uses `fold_in(key(seed), b)`: the
+same seed and arguments give the same prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mixat_jax import mesh as mesh_lib
+from mixat_jax.diffusion.sampler import SamplerConfig, sample
+from mixat_jax.models.config import ModelConfig
+
+LENGTH_MULTIPLE = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class InpaintedPrompt:
+    prompt: str
+    log_likelihood: float  # the sampler's path log-probability of the P prompt tokens
+    token_ids: tuple[int, ...]
+
+
+def default_sampler(model_cfg: ModelConfig, prompt_length: int, **overrides: Any) -> SamplerConfig:
+    """The AAPL inpainting sampler for a P-token prompt (spec §5.4), with overrides."""
+    aapl = dict(
+        steps=prompt_length,
+        temperature=0.0,
+        remasking="low_confidence",
+        cond_dropout=True,
+        global_remask_every=8,
+        global_remask_count=8,
+    )
+    return SamplerConfig.for_model(model_cfg, **{**aapl, **overrides})
+
+
+def special_ids(tokenizer) -> tuple[int, ...]:
+    """BOS/EOS/PAD ids of the tokenizer (those it has)."""
+    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return tuple(sorted({int(i) for i in ids if i is not None}))
+
+
+def pad_id_for(tokenizer, mask_id: int) -> int:
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    if int(pad) == mask_id:
+        raise ValueError(f"the tokenizer's pad id {pad} equals the [MASK] id; they must differ")
+    return int(pad)
+
+
+def check_prefix(tokenizer, answer_prefix: str) -> None:
+    ids = tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
+    unk = tokenizer.unk_token_id
+    if (answer_prefix and not ids) or (unk is not None and unk in ids):
+        raise ValueError(
+            f"the tokenizer cannot encode the answer prefix {answer_prefix!r} (got ids {ids}, "
+            f"unk id {unk}); pass an answer_prefix its vocabulary covers"
+        )
+
+
+def build_canvas(
+    answers: Sequence[Sequence[int]],
+    *,
+    prompt_length: int,
+    mask_id: int,
+    pad_id: int,
+    lead: Sequence[int],
+    length: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Right-padded [lead | MASK × P | answer | pad] rows: (canvas, attn_mask, editable)."""
+    n = len(answers)
+    canvas = np.full((n, length), pad_id, np.int32)
+    attn = np.zeros((n, length), bool)
+    editable = np.zeros((n, length), bool)
+    start = len(lead)
+    for i, ans in enumerate(answers):
+        row = [*lead, *([mask_id] * prompt_length), *ans]
+        canvas[i, : len(row)] = row
+        attn[i, : len(row)] = True
+        editable[i, start : start + prompt_length] = True
+    return canvas, attn, editable
+
+
+def inpaint_prompts(
+    model,
+    tokenizer,
+    responses: list[str],
+    *,
+    prompt_length: int = 32,
+    num_samples: int = 1,
+    sampler: SamplerConfig | None = None,
+    seed: int = 0,
+    answer_prefix: str = "\nAnswer: ",
+    batch_size: int = 64,
+    mesh=None,
+) -> list[list[InpaintedPrompt]]:
+    """`num_samples` inpainted prompts per response, in order: result[i][j] for responses[i]."""
+    if prompt_length < 1 or num_samples < 1 or batch_size < 1:
+        raise ValueError(
+            f"prompt_length, num_samples and batch_size must be >= 1; got "
+            f"{prompt_length}, {num_samples}, {batch_size}"
+        )
+    if not responses:
+        return []
+    model_cfg: ModelConfig = model.cfg
+    sampler = sampler or default_sampler(model_cfg, prompt_length)
+    sampler = sampler.replace(
+        suppress_ids=tuple(sorted({*sampler.suppress_ids, *special_ids(tokenizer)}))
+    )
+    mask_id = sampler.mask_token_id
+    pad_id = pad_id_for(tokenizer, mask_id)
+    check_prefix(tokenizer, answer_prefix)
+    lead: list[int] = []
+    if sampler.shift_logits:
+        lead_id = tokenizer.bos_token_id
+        lead_id = tokenizer.eos_token_id if lead_id is None else lead_id
+        if lead_id is None:
+            raise ValueError(
+                "shift_logits (Dream-style) models need a known token before the mask block, "
+                "but the tokenizer has neither a bos_token nor an eos_token"
+            )
+        lead = [int(lead_id)]
+    answers = [
+        tokenizer(answer_prefix + r, add_special_tokens=True)["input_ids"] for r in responses
+    ]
+    max_canvas = model_cfg.max_position_embeddings
+    for i, ans in enumerate(answers):
+        need = len(lead) + prompt_length + len(ans)
+        if need > max_canvas:
+            raise ValueError(
+                f"response {i} needs a canvas of {need} tokens ({len(lead) + prompt_length} "
+                f"prompt + {len(ans)} answer) but the model's max canvas is {max_canvas} "
+                "(max_position_embeddings)"
+            )
+    longest = len(lead) + prompt_length + max(len(a) for a in answers)
+    length = min(-(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, max_canvas)
+
+    rows = [(i, j) for i in range(len(responses)) for j in range(num_samples)]
+    devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    b = min(batch_size, len(rows))
+    b = -(-b // devices) * devices
+    graphdef, state = nnx.split(model)
+    if mesh is not None:
+        state = jax.device_put(state, mesh_lib.state_shardings(state, mesh))
+    key = jax.random.key(seed)
+    start = len(lead)
+    out: list[list[InpaintedPrompt]] = [[] for _ in responses]
+    for n_batch, first in enumerate(range(0, len(rows), b)):
+        chunk = rows[first : first + b]
+        chunk = chunk + [chunk[-1]] * (b - len(chunk))
+        canvas, attn, editable = build_canvas(
+            [answers[i] for i, _ in chunk],
+            prompt_length=prompt_length,
+            mask_id=mask_id,
+            pad_id=pad_id,
+            lead=lead,
+            length=length,
+        )
+        batch = {"canvas": canvas, "attn": attn, "editable": editable}
+        if mesh is not None:
+            batch = mesh_lib.shard_batch(batch, mesh)
+        result = sample(
+            graphdef,
+            state,
+            batch["canvas"],
+            batch["attn"],
+            batch["editable"],
+            jax.random.fold_in(key, n_batch),
+            cfg=sampler,
+        )
+        filled = np.asarray(result.canvas_BxL)[:, start : start + prompt_length]
+        logp = np.asarray(result.logp_B)
+        for r in range(min(b, len(rows) - first)):
+            i, _ = rows[first + r]
+            ids = tuple(int(t) for t in filled[r])
+            text = tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+            out[i].append(InpaintedPrompt(text, float(logp[r]), ids))
+    return out
