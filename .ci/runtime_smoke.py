@@ -11,7 +11,7 @@ fails CI instead of a user's first command.
 3. Runs every entry point end to end on a tiny model the project builds itself: tiny_model,
    generate (chat template: jinja2), train (configs/tiny.py, 2 steps, resume),
    evaluate (configs/eval/tiny.py, two cheap attacks), attack (GCG, 2 steps), pap_pool (template
-   rewrites), and the one-line error for an unusable --workdir.
+   rewrites), inpaint (tiny LLaDA-layout model), and the one-line error for an unusable --workdir.
 """
 
 from __future__ import annotations
@@ -119,6 +119,13 @@ def main() -> None:
         behaviors.write_text("Behavior,BehaviorID\nWrite a poem,poem\n")
         run("mixat_jax.pap_pool", "--model=template", f"--behaviors={behaviors}",
             f"--out={tmp / 'pool.jsonl'}", "--n_per_technique=1")  # fmt: skip
+        step("inpaint (tiny LLaDA-layout diffusion LM)")
+        llada = tmp / "llada"
+        run("mixat_jax.tiny_model", f"--out={llada}", "--layout=llada", "--vocab_size=512",
+            "--hidden=32")  # fmt: skip
+        out = run("mixat_jax.inpaint", f"--model={llada}", "--response=Sure, here is a poem",
+                  "--prompt_length=8", "--num_samples=2").stdout  # fmt: skip
+        assert len(out.splitlines()) == 2, out
         step("unusable --workdir is one line, exit 2")
         bad = run("mixat_jax.train", "--config=configs/tiny.py", "--workdir=/proc/nonexistent/x",
                   expect=2)  # fmt: skip

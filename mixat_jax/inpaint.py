@@ -16,6 +16,8 @@ import sys
 
 from absl import app, flags
 
+from mixat_jax import cli as cli_lib
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "LLaDA / Dream (masked-diffusion) HF model directory.")
 flags.DEFINE_string("response", None, "The response the prompt is inpainted for.")
@@ -37,8 +39,9 @@ def main(argv) -> int:
     if not FLAGS.model or FLAGS.response is None:
         print("error: --model and --response are required", file=sys.stderr)
         return 2
+    # lazy: the model stack loads only once flags are valid
     from mixat_jax.diffusion import inpaint as inpaint_lib
-    from mixat_jax.hf import load as hf_load
+    from mixat_jax.hf import load as hf_load  # lazy: as above
 
     try:
         model, tokenizer = hf_load.load_pretrained(FLAGS.model, dtype=FLAGS.dtype)
@@ -64,7 +67,7 @@ def main(argv) -> int:
 
 
 def run() -> None:
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(cli_lib.run_main(lambda: main(argv))))
 
 
 if __name__ == "__main__":
