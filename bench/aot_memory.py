@@ -102,7 +102,7 @@ def compile_one(args, mesh_shape: tuple[int, int, int]) -> dict:
         key = jax.ShapeDtypeStruct(
             (), jax.random.key(0).dtype, sharding=NamedSharding(mesh, PartitionSpec())
         )
-        step = steps_lib.make_jitted_train_step(StepConfig(), tx, mesh)
+        step = steps_lib.make_jitted_train_step(StepConfig(), mesh)
         t0 = time.perf_counter()
         lowered = step.lower(state, batch, key)
         t1 = time.perf_counter()

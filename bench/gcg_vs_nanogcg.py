@@ -107,7 +107,9 @@ class Ours:
     """Our GCG on the bench model; ``run()`` is one full ``run_gcg`` (compiled once, reused)."""
 
     def __init__(self, args, model_dir: Path):
-        from mixat_jax.attacks.gcg import _host_arrays, _prepare, _step_spec, preset
+        from mixat_jax.attacks.gcg import host_arrays
+        from mixat_jax.attacks.gcg_driver import prepare_problem, step_spec
+        from mixat_jax.attacks.gcg_presets import preset
         from mixat_jax.chat import ChatRenderer
         from mixat_jax.hf.load import load_pretrained
 
@@ -117,10 +119,10 @@ class Ours:
             "nanogcg", num_steps=args.steps, search_width=args.search_width, topk=args.topk,
             batch_size=args.batch_size or None, reuse_suffix_prefix=not args.no_reuse,
         )  # fmt: skip
-        prob = _prepare(ChatRenderer(self.tok), PROMPT, TARGET, self.cfg, 0)
-        pre, _, lay, r_len = _host_arrays([prob], 0, self.cfg)
+        prob = prepare_problem(ChatRenderer(self.tok), PROMPT, TARGET, self.cfg, 0)
+        pre, _, lay, r_len = host_arrays([prob.segments], 0, self.cfg.length_multiple)
         s = len(prob.slots.suffix_ids)
-        spec = _step_spec(self.cfg, self.model.cfg.vocab_size, None, suffix_len=s)
+        spec = step_spec(self.cfg, self.model.cfg.vocab_size, None, suffix_len=s)
         dims = (self.model.cfg, s, r_len, pre.shape[1], lay.target_ids_T.shape[1])
         self.skipped = expected_skipped(spec, s, self.cfg.n_replace)
         self.flops_full = step_flops(*dims, self.cfg.search_width)
@@ -130,7 +132,7 @@ class Ours:
                        "reuse_levels": spec.levels, "mean_suffix_tokens_skipped": self.skipped}  # fmt: skip
 
     def run(self) -> dict:
-        from mixat_jax.attacks.gcg import run_gcg
+        from mixat_jax.attacks.gcg_driver import run_gcg
 
         t0 = time.perf_counter()
         r = run_gcg(self.model, self.tok, PROMPT, TARGET, self.cfg, seed=self.args.seed)

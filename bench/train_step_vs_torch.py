@@ -111,7 +111,7 @@ class JaxStep:
         self.vocab = model.cfg.vocab_size
         with jax.set_mesh(self.mesh):
             self.state = place_train_state(init_train_state(model, tx), self.mesh)
-            self.step = steps_lib.make_jitted_train_step(cfg, tx, self.mesh)
+            self.step = steps_lib.make_jitted_train_step(cfg, self.mesh)
             t0 = time.perf_counter()
             self.state, m = self.step(self.state, random_batch(self.vocab, a, 0), jax.random.key(0))
             jax.block_until_ready(m)

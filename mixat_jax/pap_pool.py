@@ -21,6 +21,7 @@ stand-in used by the tiny config and tests — a documented deviation).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from collections import Counter
@@ -35,6 +36,7 @@ from mixat_jax import cli as cli_lib
 from mixat_jax.attacks.llm_interface import call_seed
 from mixat_jax.attacks.pap import POOL_FIELDS, PAPConfig, PAPRewriter, load_pool
 from mixat_jax.attacks.persuasion_taxonomy import PERSUASION_TECHNIQUES
+from mixat_jax.behaviors import read_table
 
 TEMPLATE = "template"
 _FRAMES = (
@@ -86,8 +88,6 @@ def _record(b: PoolBehavior, technique: int, text: str, generator: str, seed: in
 
 def read_behaviors(source: str) -> list[PoolBehavior]:
     """HarmBench-style behaviour table (columns Behavior, BehaviorID; optional ContextString)."""
-    from mixat_jax.training.data import read_table
-
     rows = read_table(source)
     out = []
     for r in rows:
@@ -102,8 +102,6 @@ def read_behaviors(source: str) -> list[PoolBehavior]:
 
 def write_records_atomic(path: Path, records: Sequence[dict[str, Any]]) -> None:
     """JSONL via a temporary file + rename: an interrupted write never truncates the pool."""
-    import json
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
@@ -187,6 +185,7 @@ def main(argv) -> int:
             max_retries=FLAGS.max_retries,
             max_rewrite_tokens=FLAGS.max_rewrite_tokens,
         )
+        # lazy: JAX and model loading only when a model (not the template stand-in) builds the pool
         from mixat_jax.sampling import TextGenerator
 
         gen = TextGenerator.from_pretrained(

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mixat_jax.behaviors import Behavior
 from mixat_jax.evaluation.alo_asr import (
     RESULT_KEYS,
     compute_alo_asr,
     judged_records,
     success_matrix,
 )
-from mixat_jax.evaluation.behaviors import Behavior
 from mixat_jax.evaluation.report import render_markdown, write_report
 from mixat_jax.judges.base import Judgement
 
@@ -165,7 +165,7 @@ def test_report_written(tmp_path: Path) -> None:
 
 
 def test_xstest_scoring() -> None:
-    from mixat_jax.evaluation.behaviors import XSTestPrompt, XSTestPrompts
+    from mixat_jax.behaviors import XSTestPrompt, XSTestPrompts
     from mixat_jax.evaluation.utility import score_xstest
     from mixat_jax.judges import RefusalJudge
 

@@ -1,4 +1,4 @@
-"""Tests for mixat_jax.evaluation.behaviors (loaders, presets, XSTest, bad inputs)."""
+"""Tests for mixat_jax.behaviors (loaders, presets, XSTest, bad inputs)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mixat_jax.evaluation.behaviors import (
+from mixat_jax.behaviors import (
     MIXAT_40_ROW_INDICES,
     Behavior,
     attach_targets,

@@ -18,6 +18,7 @@ from mixat_jax.attacks.continuous import (
 )
 from mixat_jax.models.config import LoraConfig, tiny_config
 from mixat_jax.models.decoder import Decoder
+from mixat_jax.objectives import TokenRows
 
 B, L = 3, 16
 FAST = {"xla_backend_optimization_level": 0}
@@ -45,6 +46,9 @@ def setup():
         target_mask=jnp.asarray((pos >= PROMPT_LENS[:, None]) & mask),
         valid=jnp.asarray([True, True, False]),
     )
+    batch["rows"] = TokenRows(
+        batch["ids"], batch["mask"], batch["prompt_mask"], batch["target_mask"]
+    )
     eps_abs = 0.075 * float(mean_embedding_norm(model.embedding_matrix))
     return graphdef, lora, frozen, batch, eps_abs, model
 
@@ -56,10 +60,7 @@ def _attack(setup, cfg, key=0, **kw):
             graphdef,
             lora,
             frozen,
-            b["ids"],
-            b["mask"],
-            b["prompt_mask"],
-            b["target_mask"],
+            b["rows"],
             k,
             cfg=cfg,
             eps_abs=eps_abs,
@@ -135,10 +136,7 @@ def test_no_parameter_gradient_from_attack(setup):
             graphdef,
             lora,
             frozen,
-            b["ids"],
-            b["mask"],
-            b["prompt_mask"],
-            b["target_mask"],
+            b["rows"],
             jax.random.key(0),
             cfg=cfg,
             eps_abs=eps_abs,
@@ -166,16 +164,67 @@ def test_adam_uniform_init_stays_in_ball_and_mask(setup):
 def test_zero_iters_is_clean_and_model_convenience(setup):
     *_, b, eps_abs, model = setup
     cfg = ContinuousAttackConfig(iters=0)
-    delta, diag = continuous_attack_model(
-        model,
-        b["ids"],
-        b["mask"],
-        b["prompt_mask"],
-        b["target_mask"],
-        cfg=cfg,
-        row_valid_B=b["valid"],
-    )
+    delta, diag = continuous_attack_model(model, b["rows"], cfg=cfg, row_valid_B=b["valid"])
     assert np.all(np.asarray(delta) == 0.0)
     np.testing.assert_allclose(diag["loss_before"], diag["loss_after"])
     np.testing.assert_allclose(diag["eps_abs"], eps_abs, rtol=1e-6)
     assert dataclasses.replace(cfg, iters=1).iters == 1
+    # The rows are a record (objectives.TokenRows), not four loose arrays.
+    arrays = (b["ids"], b["mask"], b["prompt_mask"], b["target_mask"])
+    with pytest.raises(TypeError):
+        continuous_attack_model(model, *arrays, cfg=cfg)
+
+
+def test_two_groups_equal_attacking_each_group_alone(setup):
+    """``group_B`` / ``num_groups`` (the training step's step-wide attack): the objective is the
+    SUM of per-group token means, so each row's δ is what attacking its group alone gives
+    (per-row keys, dropout on); ``loss_before`` is the mean of the groups' losses and
+    ``delta_norm_mean`` / ``frac_at_boundary`` are token-weighted over ALL attacked tokens."""
+    graphdef, lora, frozen, b, eps_abs, _ = setup
+    # "grad" steps: δ is linear in each group's own gradient (a wrong group weighting shows).
+    cfg = ContinuousAttackConfig(iters=2, lr=0.03, optimizer="grad", dropout=True)
+    keys = jax.random.split(jax.random.key(5), B)
+
+    def attack(idx, group=None, num_groups=1):
+        rows = jax.tree.map(lambda x: x[np.asarray(idx)], b["rows"])
+        fn = jax.jit(
+            lambda lora, frozen, k: continuous_attack(
+                graphdef, lora, frozen, rows, k, cfg=cfg, eps_abs=eps_abs,
+                group_B=None if group is None else jnp.asarray(group), num_groups=num_groups,
+            )
+        )  # fmt: skip
+        args = (lora, frozen, keys[np.asarray(idx)])
+        return fn.lower(*args).compile(FAST)(*args)
+
+    both, diag = attack([0, 1, 2], group=[0, 0, 1], num_groups=2)
+    first, diag0 = attack([0, 1])
+    second, diag1 = attack([2])
+    np.testing.assert_allclose(both[:2], first, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(both[2:], second, rtol=1e-5, atol=1e-9)
+    assert float(jnp.abs(both).max()) > 0.0
+    groups_mean = (float(diag0["loss_before"]) + float(diag1["loss_before"])) / 2
+    np.testing.assert_allclose(diag["loss_before"], groups_mean, rtol=1e-6)
+    attacked = np.asarray(b["prompt_mask"] & b["mask"])
+    norms = np.linalg.norm(np.asarray(both), axis=-1)[attacked]
+    np.testing.assert_allclose(diag["delta_norm_mean"], norms.mean(), rtol=1e-5)
+    at_boundary = np.mean(norms >= (1 - 1e-3) * eps_abs)
+    assert float(diag["frac_at_boundary"]) == pytest.approx(at_boundary, rel=1e-6)
+
+
+def test_relative_lr_scales_the_step_by_mean_embedding_norm(setup):
+    """``relative_lr``: the absolute step is lr·ē (ē of the embedding matrix, or ``emb_norm``
+    when given, as the training step does): the same δ as an absolute step of lr·ē."""
+    *_, eps_abs, model = setup
+    e_bar = float(mean_embedding_norm(model.embedding_matrix))
+    rel = ContinuousAttackConfig(iters=2, lr=0.002, relative_lr=True, dropout=False)
+    d_rel, diag_rel = _attack(setup, rel)
+    d_abs, diag_abs = _attack(setup, dataclasses.replace(rel, relative_lr=False, lr=0.002 * e_bar))
+    np.testing.assert_allclose(diag_rel["lr_abs"], 0.002 * e_bar, rtol=1e-6)
+    np.testing.assert_allclose(diag_abs["lr_abs"], 0.002 * e_bar, rtol=1e-6)
+    np.testing.assert_allclose(d_rel, d_abs, rtol=1e-5, atol=1e-9)
+    # Sign steps of lr·ē reach k·lr·ē·√D per token (inside the ball here).
+    expect = 2 * 0.002 * e_bar * np.sqrt(64)
+    assert expect < eps_abs
+    np.testing.assert_allclose(diag_rel["delta_norm_max"], expect, rtol=1e-5)
+    _, diag_given = _attack(setup, rel, emb_norm=2 * e_bar)
+    np.testing.assert_allclose(diag_given["lr_abs"], 0.004 * e_bar, rtol=1e-6)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mixat_jax.evaluation.behaviors import Behavior
+from mixat_jax.behaviors import Behavior
 from mixat_jax.judges import (
     HarmBenchClassifier,
     Judge,

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from mixat_jax import lora as lora_lib
+from mixat_jax import objectives
 from mixat_jax.models.config import LoraConfig, tiny_config
 from mixat_jax.models.decoder import Decoder
 from mixat_jax.training import losses
@@ -38,10 +39,10 @@ def _random_case(seed=0, b=4, l=9, v=11):
 
 def test_masked_ce_matches_numpy_token_mean():
     logits, ids, tmask, valid = _random_case()
-    got = losses.masked_ce(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(tmask), valid)
+    got = objectives.masked_ce(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(tmask), valid)
     np.testing.assert_allclose(got, _np_masked_ce(logits, ids, tmask, valid), rtol=1e-5)
     all_valid = np.ones_like(valid)
-    got_all = losses.masked_ce(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(tmask))
+    got_all = objectives.masked_ce(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(tmask))
     np.testing.assert_allclose(got_all, _np_masked_ce(logits, ids, tmask, all_valid), rtol=1e-5)
 
 
@@ -54,7 +55,7 @@ def test_masked_ce_is_token_mean_not_row_mean():
     tmask = np.array([[0, 1, 0, 0], [0, 1, 1, 1]], bool)
     for t in range(3):
         logits[1, t, ids[1, t + 1]] = 50.0
-    got = float(losses.masked_ce(jnp.asarray(logits), ids, tmask))
+    got = float(objectives.masked_ce(jnp.asarray(logits), ids, tmask))
     np.testing.assert_allclose(got, np.log(v) / 4, rtol=1e-5)
 
 
@@ -62,21 +63,21 @@ def test_masked_ce_zero_without_tokens_and_finite_grad():
     logits = jnp.ones((2, 3, 4))
     ids = jnp.zeros((2, 3), jnp.int32)
     none = jnp.zeros((2, 3), bool)
-    assert float(losses.masked_ce(logits, ids, none)) == 0.0
-    g = jax.grad(lambda x: losses.masked_ce(x, ids, none))(logits)
+    assert float(objectives.masked_ce(logits, ids, none)) == 0.0
+    g = jax.grad(lambda x: objectives.masked_ce(x, ids, none))(logits)
     assert np.all(np.asarray(g) == 0.0)
     with pytest.raises(ValueError, match="masked_ce needs"):
-        losses.masked_ce(logits, ids[:, :2], none)
+        objectives.masked_ce(logits, ids[:, :2], none)
 
 
 def test_gathered_targets_equal_full_ce_and_count_dropped():
     logits, ids, tmask, valid = _random_case(1)
-    full = losses.masked_ce(jnp.asarray(logits), ids, tmask, valid)
-    pos, labels, w, dropped = losses.target_positions(ids, tmask, valid, max_targets=8)
+    full = objectives.masked_ce(jnp.asarray(logits), ids, tmask, valid)
+    pos, labels, w, dropped = objectives.target_positions(ids, tmask, valid, max_targets=8)
     gathered = jnp.take_along_axis(jnp.asarray(logits)[:, :-1], pos[..., None], axis=1)
-    np.testing.assert_allclose(losses.gathered_ce(gathered, labels, w), full, rtol=1e-6)
+    np.testing.assert_allclose(objectives.gathered_ce(gathered, labels, w), full, rtol=1e-6)
     assert int(dropped) == 0
-    _, _, w2, dropped2 = losses.target_positions(ids, tmask, valid, max_targets=1)
+    _, _, w2, dropped2 = objectives.target_positions(ids, tmask, valid, max_targets=1)
     n_targets = int(np.sum(tmask[:, 1:] & valid[:, None]))
     assert int(dropped2) == n_targets - int(np.sum(w2))
 
@@ -131,9 +132,9 @@ def test_sequence_ce_gathered_equals_full_on_model():
     def both(lora, frozen):
         m = lora_lib.merge(graphdef, lora, frozen)
         emb = m.embed(ids)
-        full = losses.sequence_ce(m, emb, mask, ids, tmask)
-        gathered = losses.sequence_ce(m, emb, mask, ids, tmask, max_targets=4)
-        ref = losses.masked_ce(m.apply_embeddings(emb, mask), ids, tmask)
+        full = objectives.sequence_ce(m, emb, mask, ids, tmask)
+        gathered = objectives.sequence_ce(m, emb, mask, ids, tmask, max_targets=4)
+        ref = objectives.masked_ce(m.apply_embeddings(emb, mask), ids, tmask)
         return full, gathered, ref
 
     fast = {"xla_backend_optimization_level": 0}  # fast XLA:CPU compile, same numerics

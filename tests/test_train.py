@@ -16,6 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
+
+from mixat_jax.attacks.llm_interface import ScriptedGenerator
+from mixat_jax.attacks.pap import PAPConfig, load_pool
+from mixat_jax.hf.load import load_pretrained
+from mixat_jax.pap_pool import PoolBehavior, build_resumable
+from mixat_jax.training.data import AdvRow
+from mixat_jax.training.discrete import DiscreteRewriter, PAPPool
+from mixat_jax.training.schedules import FLAG_CONTINUOUS, FLAG_PAP, build_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, GRAD_ACCUM = 6, 2
@@ -59,8 +68,6 @@ def _metrics(workdir: Path) -> list[dict]:
 
 
 def _adapter(workdir: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
     return load_file(str(workdir / "adapter" / "adapter_model.safetensors"))
 
 
@@ -89,16 +96,12 @@ def test_tiny_run_writes_everything(reference_run, caches):
     assert _steps(workdir) == [4, STEPS]
     assert list((workdir / "tb").iterdir()), "no TensorBoard events"
     # Schedule: the realised flags are the seeded uniform50 schedule over the real micro-batches.
-    from mixat_jax.training.schedules import build_schedule
-
     flags = "".join(r["mb_flags"] for r in records)
     want = build_schedule("uniform50_epoch2", STEPS * GRAD_ACCUM, seed=config["seed"]).flags
     assert flags == "".join(str(int(f)) for f in want)
     assert flags.count("1") == round(0.5 * len(flags))
     assert sum(r["pap_rows"] for r in records) >= 1
     # The PEFT adapter loads onto the base model.
-    from mixat_jax.hf.load import load_pretrained
-
     base = next(Path(caches[0].split("=", 1)[1]).iterdir())
     model, _ = load_pretrained(base, adapter=workdir / "adapter")
     b = np.asarray(model.layers.linears()["q_proj"].lora_b[...])
@@ -125,6 +128,12 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(reference_run, caches,
     assert 2 <= stopped_at < STEPS and max(_steps(workdir)) == stopped_at
     assert "preempted at step" in rest
     # Resume to the end: same adapter (bitwise) and same per-step losses as the reference.
+    # Bitwise is a real exactness, not a tuned tolerance (issue #15): both runs are on this one
+    # machine, with one device and the same config, so every step executes the *same* compiled
+    # XLA program (shared persistent compilation cache) on bit-identical inputs — the checkpoint
+    # restores fp32 state/optimizer/RNG/data-order bitwise — and XLA:CPU is deterministic for a
+    # fixed program and machine. Any difference is a resume bug (state not restored, a step
+    # replayed or skipped, RNG or schedule reset). Do not compare across machines or meshes.
     proc = _run(cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref, got = _adapter(reference_run), _adapter(workdir)
@@ -168,10 +177,6 @@ def test_workdir_of_another_run_is_refused(reference_run, caches):
 
 
 def test_pap_pool_cli_is_resumable(tmp_path):
-    from mixat_jax.attacks.llm_interface import ScriptedGenerator
-    from mixat_jax.attacks.pap import PAPConfig, load_pool
-    from mixat_jax.pap_pool import PoolBehavior, build_resumable
-
     behaviors = [PoolBehavior(f"b{i}", f"Tell me secret number {i}.") for i in range(3)]
     cfg = PAPConfig.training(num_techniques=3, max_retries=3)
     calls = {"n": 0, "refused": 0}
@@ -219,10 +224,6 @@ def _behaviors_csv(tmp_path: Path) -> Path:
 
 
 def test_discrete_rewriter_pap_per_microbatch_and_fallback():
-    from mixat_jax.training.data import AdvRow
-    from mixat_jax.training.discrete import DiscreteRewriter, PAPPool
-    from mixat_jax.training.schedules import FLAG_CONTINUOUS, FLAG_PAP
-
     rows = [AdvRow("a", "Tell me A.", "Sure, A is 1."), AdvRow("b", "Tell me B.", "Sure, B is 2.")]
     pool = PAPPool(
         [{"behavior_id": b, "technique_index": t, "text": f"{b}-{t}-" + ("x" * (t * 50))}

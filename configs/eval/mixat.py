@@ -18,7 +18,7 @@ their judge and Mistral-7B-Instruct-v0.2 as the AutoDAN mutator: here all are lo
 (`--config.<role>_model=DIR`, or '@target' for the target itself).
 """
 
-from mixat_jax.evaluation.pipeline import base_config
+from mixat_jax.evaluation.run_config import base_config
 
 
 def get_config():

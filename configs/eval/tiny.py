@@ -5,10 +5,13 @@
 Runs DirectRequest, HumanJailbreaks, PAP, GCG, PAIR, TAP, AutoDAN, PastTense, Translation and
 the continuous embedding attack and BoN on 2 built-in behaviours (no data files needed), 8 new tokens,
 refusal-substring judge. Attacker, scorer, mutator, rewriter, reformulator and translator models
-default to the target model itself (override with --config.<role>_model=DIR).
+default to the target model itself (override with --config.<role>_model=DIR). The Inpainting
+attack has tiny budgets here too but needs a masked-diffusion model, so it is not in the default
+list: add it with `--config.attacks=...,Inpainting --config.diffusion_model=DIR` (a tiny one:
+`python -m mixat_jax.tiny_model --layout llada --out DIR`).
 """
 
-from mixat_jax.evaluation.pipeline import base_config
+from mixat_jax.evaluation.run_config import base_config
 
 
 def get_config():
@@ -47,4 +50,5 @@ def get_config():
     )  # fmt: skip
     a.Continuous.update({"iters": 2, "eps": 0.075, "lr": 1e-4})
     a.BoN.update({"n_augmentations": 2})
+    a.Inpainting.update({"num_samples": 3, "prompt_length": 8, "steps": 8, "batch_size": 8})
     return c

@@ -9,7 +9,7 @@ judged by the refusal-substring compliance judge (recorded in utility.json); gre
 of 512 new tokens. Multiple choice: log-likelihood accuracy (lm-evaluation-harness 0-shot format).
 """
 
-from mixat_jax.evaluation.pipeline import base_config
+from mixat_jax.evaluation.run_config import base_config
 
 
 def get_config():

@@ -11,7 +11,21 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
+
+import jax
+import numpy as np
+
+from mixat_jax.attacks.continuous import ContinuousAttackConfig, continuous_attack_model
+from mixat_jax.attacks.direct import behavior_with_context
+from mixat_jax.attacks.gcg_driver import run_gcg_batch
+from mixat_jax.attacks.gcg_presets import GCGConfig, preset
+from mixat_jax.behaviors import load_behaviors
+from mixat_jax.chat import ChatRenderer
+from mixat_jax.hf.load import load_pretrained
+from mixat_jax.mesh import MeshConfig, make_mesh
+from mixat_jax.objectives import TokenRows
 
 
 def run(config, workdir: str) -> None:
@@ -56,17 +70,12 @@ def run(config, workdir: str) -> None:
 
 
 def _gcg_config(config):
-    from mixat_jax.attacks.gcg_presets import GCGConfig, preset
-
     fields = {f for f in GCGConfig.__dataclass_fields__ if f in config}
     return preset(config.preset, **{f: config[f] for f in fields})
 
 
 def _file_jobs(config, workdir: str) -> list[tuple[str, str, str]]:
     """(id, behaviour text with context, target) for behaviours not yet in results.jsonl."""
-    from mixat_jax.attacks.direct import behavior_with_context
-    from mixat_jax.evaluation.behaviors import load_behaviors
-
     if config.attack != "gcg":
         raise ValueError("behaviour files are supported for the GCG attack only")
     if not config.targets:
@@ -85,11 +94,6 @@ def _file_jobs(config, workdir: str) -> list[tuple[str, str, str]]:
 
 
 def _load(config):
-    import jax
-
-    from mixat_jax.hf.load import load_pretrained
-    from mixat_jax.mesh import MeshConfig, make_mesh
-
     m = config.mesh
     mesh = make_mesh(MeshConfig(data=m.data, fsdp=m.fsdp, tensor=m.tensor))
     if jax.device_count() == 1:
@@ -101,8 +105,6 @@ def _load(config):
 
 
 def _gcg_jobs(config, gcg_cfg, model, tokenizer, mesh, jobs) -> list[dict]:
-    from mixat_jax.attacks.gcg import run_gcg_batch
-
     def report(r):
         tag = f"[{jobs[r.behavior_index][0] or 'behavior'}] " if len(jobs) > 1 or jobs[0][0] else ""
         print(
@@ -124,29 +126,20 @@ def _gcg_jobs(config, gcg_cfg, model, tokenizer, mesh, jobs) -> list[dict]:
 
 
 def _continuous(config, model, tokenizer) -> dict:
-    import time
-
-    import jax
-    import numpy as np
-
-    from mixat_jax.attacks.continuous import ContinuousAttackConfig, continuous_attack_model
-    from mixat_jax.chat import ChatRenderer
-
     cfg = ContinuousAttackConfig(
         eps=config.eps, iters=config.iters, lr=config.lr, optimizer=config.optimizer,
         relative_lr=config.relative_lr, init=config.init, best_iterate=config.best_iterate,
         dropout=config.dropout,
     )  # fmt: skip
     ex = ChatRenderer(tokenizer).example(config.behavior, config.target)
-    arrays = [
-        np.asarray([x]) for x in (ex.ids, [True] * len(ex.ids), ex.prompt_mask, ex.response_mask)
-    ]
+    rows = TokenRows(*(np.asarray([x]) for x in (ex.ids, [True] * len(ex.ids), ex.prompt_mask,
+                                                   ex.response_mask)))  # fmt: skip
     key = jax.random.key(config.seed)
     t0 = time.perf_counter()
-    _, diag = continuous_attack_model(model, *arrays, cfg=cfg, key=key)
+    _, diag = continuous_attack_model(model, rows, cfg=cfg, key=key)
     diag = jax.device_get(diag)
     t1 = time.perf_counter()  # first call = compile + run; the second (same shapes) only runs
-    jax.block_until_ready(continuous_attack_model(model, *arrays, cfg=cfg, key=key))
+    jax.block_until_ready(continuous_attack_model(model, rows, cfg=cfg, key=key))
     run_seconds = time.perf_counter() - t1
     seconds = t1 - t0
     losses = [float(x) for x in np.asarray(diag["loss_trace"]).reshape(-1)]

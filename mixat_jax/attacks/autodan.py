@@ -31,6 +31,7 @@ from mixat_jax.attacks.llm_interface import (
     DEFAULT_REFUSAL_MARKERS,
     HELPER_REFUSAL_MARKERS,
     BehaviorLike,
+    TestCase,
     TextGenerator,
     call_seed,
     clean_generated_text,
@@ -102,6 +103,15 @@ class AutoDANResult:
     steps_run: int
     stopped_early: bool = False
     loss_history: list[float] = field(default_factory=list)
+
+    def test_case(self) -> TestCase:
+        """The best prompt with its loss, the steps run and whether the target stopped refusing."""
+        meta = {
+            "loss": self.best_loss,
+            "steps": self.steps_run,
+            "stopped_early": self.stopped_early,
+        }
+        return TestCase(self.best_prompt, meta=meta)
 
 
 def build_mutation_prompt(template: str) -> str:
@@ -339,6 +349,6 @@ class AutoDAN:
 
     def generate_test_cases(
         self, behaviors: Sequence[BehaviorLike], *, seed: int = 0
-    ) -> dict[str, list[str]]:
+    ) -> dict[str, list[TestCase]]:
         """One test case per behaviour: the lowest-loss template filled with the request."""
-        return {bid: [r.best_prompt] for bid, r in self.run(behaviors, seed=seed).items()}
+        return {bid: [r.test_case()] for bid, r in self.run(behaviors, seed=seed).items()}

@@ -33,7 +33,12 @@ import optax
 
 from mixat_jax import lora as lora_lib
 from mixat_jax.models import layers
-from mixat_jax.training import losses
+from mixat_jax.objectives import (
+    TokenRows,
+    input_embeddings,
+    mean_embedding_norm,
+    sequence_logprobs,
+)
 
 OPTIMIZERS = ("sign", "adam", "grad")
 INITS = ("zero", "uniform")
@@ -73,11 +78,6 @@ class ContinuousAttackConfig:
             raise ValueError(f"attack max_targets must be >= 1 or None; got {self.max_targets}")
 
 
-def mean_embedding_norm(E_VxD: jax.Array) -> jax.Array:
-    """ē = mean over the whole vocabulary of the row L2 norms (fp32 scalar; spec §1)."""
-    return jnp.mean(jnp.linalg.norm(E_VxD.astype(jnp.float32), axis=-1))
-
-
 def project_l2(delta_BxLxD: jax.Array, eps_abs: jax.Array) -> jax.Array:
     """Rescales every token vector whose L2 norm exceeds ``eps_abs`` onto the sphere."""
     norm_BxLx1 = jnp.linalg.norm(delta_BxLxD, axis=-1, keepdims=True)
@@ -105,10 +105,7 @@ def continuous_attack(
     graphdef,
     lora,
     frozen,
-    ids_BxL: jax.Array,
-    mask_BxL: jax.Array,
-    prompt_mask_BxL: jax.Array,
-    target_mask_BxL: jax.Array,
+    rows: TokenRows,
     key: jax.Array,
     *,
     cfg: ContinuousAttackConfig,
@@ -123,8 +120,9 @@ def continuous_attack(
 
     Args:
       graphdef, lora, frozen: the split model (``mixat_jax.lora.split``); used as constants.
-      ids_BxL, mask_BxL, prompt_mask_BxL, target_mask_BxL: right-padded away rows; the target
-        mask marks label tokens (response + end of turn).
+      rows: the right-padded rows to attack (``objectives.TokenRows``): δ perturbs
+        ``prompt_BxL & mask_BxL``, the objective is the CE of the ``target_BxL`` tokens
+        (response + end of turn).
       key: randomness for LoRA dropout (if ``cfg.dropout``) and the uniform init: one key, or
         one key per row ([B]; a row's δ then depends only on its own key and data, so attacking
         rows together or apart gives the same result).
@@ -139,25 +137,23 @@ def continuous_attack(
         the mean over groups that have target tokens.
 
     Diagnostics (fp32 scalars unless noted): loss_before (at the initial delta), loss_after,
-    loss_trace [iters] (loss at each iterate before its step), delta_norm_mean / delta_norm_max
-    (per-token L2 over attacked tokens), frac_at_boundary, eps_abs, lr_abs, targets_dropped.
+    loss_trace [iters] (loss at each iterate before its step), delta_norm_mean / delta_norm_max /
+    frac_at_boundary (``delta_stats``: over ALL attacked tokens of all rows and groups), eps_abs,
+    lr_abs (the absolute step; ``lr · ē`` with ``relative_lr``), targets_dropped.
     """
+    if not isinstance(rows, TokenRows):
+        raise TypeError("continuous_attack: pass the rows as objectives.TokenRows")
+    rows.check_shapes("continuous_attack")
+    if rows.prompt_BxL is None:
+        raise ValueError("continuous_attack: rows.prompt_BxL is None; the attack needs prompts")
+    ids_BxL, mask_BxL, prompt_mask_BxL, target_mask_BxL = rows
     b, l = ids_BxL.shape
-    for name, arr in (("mask", mask_BxL), ("prompt_mask", prompt_mask_BxL)):
-        if arr.shape != (b, l):
-            raise ValueError(
-                f"continuous_attack: {name} has shape {arr.shape}, ids {ids_BxL.shape}"
-            )
-    if target_mask_BxL.shape != (b, l):
-        raise ValueError(
-            f"continuous_attack: target_mask has shape {target_mask_BxL.shape}, ids {ids_BxL.shape}"
-        )
     lora, frozen = jax.lax.stop_gradient((lora, frozen))
     model = lora_lib.merge(graphdef, lora, frozen)
     valid_B = jnp.ones((b,), bool) if row_valid_B is None else row_valid_B.astype(bool)
     m_in_BxL = prompt_mask_BxL.astype(bool) & mask_BxL.astype(bool) & valid_B[:, None]
     m_in_BxLx1 = m_in_BxL[..., None].astype(jnp.float32)
-    emb0_BxLxD = model.embed(ids_BxL).astype(jnp.float32)
+    emb0_BxLxD = input_embeddings(model, ids_BxL)
     eps_abs = jnp.asarray(eps_abs, jnp.float32)
     lr_abs = jnp.asarray(cfg.lr, jnp.float32)
     if cfg.relative_lr:
@@ -167,7 +163,7 @@ def continuous_attack(
 
     def logprobs(delta_BxLxD, k):
         emb = emb0_BxLxD + delta_BxLxD * m_in_BxLx1
-        return losses.sequence_logprobs(
+        return sequence_logprobs(
             model,
             emb,
             mask_BxL,
@@ -258,32 +254,48 @@ def _keep_better(best, delta_BxLxD, row_sum_B):
     )
 
 
-def delta_stats(delta_BxLxD: jax.Array, m_in_BxL: jax.Array, eps_abs) -> dict[str, jax.Array]:
-    """Per-token ‖delta‖ mean/max over attacked tokens and the fraction at the ball's boundary."""
+def delta_sums(delta_BxLxD: jax.Array, m_in_BxL: jax.Array, eps_abs) -> dict[str, jax.Array]:
+    """Token sums behind :func:`delta_stats` (so that sums over micro-batches and devices give
+    the same token-weighted statistics): ``norm_sum`` = Σ_t ‖δ_t‖, ``at_boundary`` = #{t :
+    ‖δ_t‖ >= (1 - BOUNDARY_RTOL) · eps_abs} (0 if eps_abs = 0), ``count`` = number of attacked
+    tokens t (``m_in``), and ``norm_max`` = max_t ‖δ_t‖ (0 without attacked tokens)."""
     norm_BxL = jnp.linalg.norm(delta_BxLxD, axis=-1)
     w = m_in_BxL.astype(jnp.float32)
-    count = jnp.maximum(jnp.sum(w), 1.0)
     at_boundary = (norm_BxL >= (1.0 - BOUNDARY_RTOL) * eps_abs) & (eps_abs > 0)
     return dict(
-        delta_norm_mean=jnp.sum(norm_BxL * w) / count,
-        delta_norm_max=jnp.max(norm_BxL * w),
-        frac_at_boundary=jnp.sum(at_boundary * w) / count,
+        norm_sum=jnp.sum(norm_BxL * w),
+        at_boundary=jnp.sum(at_boundary * w),
+        count=jnp.sum(w),
+        norm_max=jnp.max(norm_BxL * w),
+    )
+
+
+def delta_stats(delta_BxLxD: jax.Array, m_in_BxL: jax.Array, eps_abs) -> dict[str, jax.Array]:
+    """Per-token ‖δ‖ statistics over the attacked tokens ``m_in`` of ALL rows (token-weighted:
+    a row with more prompt tokens weighs more): ``delta_norm_mean`` = Σ_t ‖δ_t‖ / N,
+    ``delta_norm_max`` = max_t ‖δ_t‖, ``frac_at_boundary`` = the fraction of the N tokens on the
+    ball's boundary (see :func:`delta_sums`); 0 when N = 0."""
+    s = delta_sums(delta_BxLxD, m_in_BxL, eps_abs)
+    count = jnp.maximum(s["count"], 1.0)
+    return dict(
+        delta_norm_mean=s["norm_sum"] / count,
+        delta_norm_max=s["norm_max"],
+        frac_at_boundary=s["at_boundary"] / count,
     )
 
 
 def continuous_attack_model(
     model,
-    ids_BxL,
-    mask_BxL,
-    prompt_mask_BxL,
-    target_mask_BxL,
+    rows: TokenRows,
     *,
     cfg: ContinuousAttackConfig,
     key: jax.Array | None = None,
     eps_abs: float | None = None,
     row_valid_B=None,
 ) -> tuple[jax.Array, dict[str, Any]]:
-    """Convenience for the attack CLI: splits an NNX model, derives eps_abs, runs jitted."""
+    """Convenience for the attack CLI: splits an NNX model, derives eps_abs, runs jitted.
+
+    ``rows``: a ``TokenRows`` of (numpy or jax) arrays."""
     graphdef, lora, frozen = lora_lib.split(model)
     e_bar = mean_embedding_norm(model.embedding_matrix)
     eps = cfg.eps * e_bar if eps_abs is None else jnp.asarray(eps_abs, jnp.float32)
@@ -291,15 +303,12 @@ def continuous_attack_model(
     valid = None if row_valid_B is None else jnp.asarray(row_valid_B, bool)
 
     @jax.jit
-    def run(lora, frozen, ids, mask, pm, tm, key, eps, e_bar, valid):
+    def run(lora, frozen, rows, key, eps, e_bar, valid):
         return continuous_attack(
             graphdef,
             lora,
             frozen,
-            ids,
-            mask,
-            pm,
-            tm,
+            rows,
             key,
             cfg=cfg,
             eps_abs=eps,
@@ -307,5 +316,5 @@ def continuous_attack_model(
             emb_norm=e_bar,
         )
 
-    arrays = [jnp.asarray(x) for x in (ids_BxL, mask_BxL, prompt_mask_BxL, target_mask_BxL)]
-    return run(lora, frozen, *arrays, key, eps, e_bar, valid)
+    rows = TokenRows(*(None if x is None else jnp.asarray(x) for x in rows))
+    return run(lora, frozen, rows, key, eps, e_bar, valid)

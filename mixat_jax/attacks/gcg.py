@@ -17,10 +17,12 @@ One GCG step is one compiled call (``gcg_step``), vmapped over behaviours (not f
      shares (``lax.switch`` over one branch per level);
   4. duplicates masked to +inf, the top-M candidates by loss returned with their early-stop flags
      (every target token argmax-correct: the target logit equals the row maximum).
-The host takes the best of the M that survives the retokenisation check *in the full prompt*
-(``gcg_filters``), updates the attack buffer, and runs the optional HarmBench refusal check.
-``run_gcg`` / ``run_gcg_batch`` drive it; several behaviours share one compiled step (prefix and
-rest padded to common, bucketed lengths so repeated calls — e.g. MixAT training — reuse it).
+Several behaviours share one compiled step (``batched_gcg_step``; prefix and rest padded to
+common, bucketed lengths by ``host_arrays`` so repeated calls — e.g. MixAT training — reuse it);
+``compile_cached`` keeps the AOT executables. Everything here is pure and config-independent: the
+host driver (``gcg_driver``: ``run_gcg`` / ``run_gcg_batch``, the attack buffer, acceptance of the
+best top-M candidate that retokenises *in the full prompt*, the HarmBench refusal check) builds
+on it and is never imported from here.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,29 +39,27 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from mixat_jax.attacks.gcg_presets import PRESETS, GCGConfig, preset
-
-if TYPE_CHECKING:  # served lazily by ``__getattr__`` below (gcg_driver imports this module)
-    from mixat_jax.attacks.gcg_driver import GCGResult, StepReport, run_gcg, run_gcg_batch
-
 __all__ = [
-    "PRESETS",
-    "GCGConfig",
-    "GCGResult",
+    "HostArrays",
     "Layout",
-    "StepReport",
+    "Segments",
     "StepSpec",
+    "batched_candidate_losses",
+    "batched_gcg_step",
+    "batched_prefix_cache",
     "bucket_plan",
     "bucketed_candidate_losses",
     "candidate_losses",
+    "compile_cached",
     "gcg_step",
-    "preset",
+    "host_arrays",
     "prefix_cache",
-    "run_gcg",
-    "run_gcg_batch",
+    "rest_logits",
     "reuse_levels",
+    "round_up",
     "sample_candidates",
     "sorted_candidate_losses",
+    "target_loss",
     "token_gradients",
 ]
 
@@ -104,6 +104,65 @@ class StepSpec:
         return self.chunk * self.n_chunks
 
 
+# ------------------------------------------------------------------------------ host arrays
+
+
+def round_up(n: int, m: int) -> int:
+    """``n`` rounded up to a multiple of ``m``, at least ``m`` (padded lengths, chunk sizes)."""
+    return max(m, -(-n // m) * m)
+
+
+class Segments(NamedTuple):
+    """One behaviour's token ids as the full prompt tokenises: ``before | suffix | after``, then
+    the target (``gcg_filters.PromptSlots`` gives the first three)."""
+
+    before_ids: tuple[int, ...]
+    suffix_ids: tuple[int, ...]
+    after_ids: tuple[int, ...]
+    target_ids: tuple[int, ...]
+
+
+class HostArrays(NamedTuple):
+    """Padded host arrays for B behaviours: left-padded prefixes and stacked rest layouts."""
+
+    prefix_ids_BxP: np.ndarray  # int32
+    prefix_mask_BxP: np.ndarray  # bool
+    layouts: Layout  # numpy leaves with a leading B axis
+    rest_len: int  # R
+
+
+def host_arrays(segments: Sequence[Segments], pad_id: int, length_multiple: int) -> HostArrays:
+    """Left-padded prefixes [B, P] and stacked right-padded rest layouts [B, R] (``Layout``).
+
+    P and R are rounded up to ``length_multiple`` and the target length to 8, so calls with
+    similar prompts share one compiled step. Every behaviour's suffix has the same length S."""
+    m = length_multiple
+    s = len(segments[0].suffix_ids)
+    p_len = round_up(max(len(q.before_ids) for q in segments), m)
+    t_len = round_up(max(len(q.target_ids) for q in segments), 8)
+    r_len = round_up(max(s + len(q.after_ids) + len(q.target_ids) for q in segments), m)
+    b = len(segments)
+    pre_ids = np.full((b, p_len), pad_id, np.int32)
+    pre_mask = np.zeros((b, p_len), bool)
+    rest_ids = np.full((b, r_len), pad_id, np.int32)
+    rest_mask = np.zeros((b, r_len), bool)
+    at = np.zeros((b, t_len), np.int32)
+    tgt = np.zeros((b, t_len), np.int32)
+    tw = np.zeros((b, t_len), np.float32)
+    for i, q in enumerate(segments):
+        before, after = q.before_ids, q.after_ids
+        pre_ids[i, p_len - len(before) :] = before
+        pre_mask[i, p_len - len(before) :] = True
+        seq = [*q.suffix_ids, *after, *q.target_ids]
+        rest_ids[i, : len(seq)] = seq
+        rest_mask[i, : len(seq)] = True
+        n_t = len(q.target_ids)
+        at[i, :n_t] = s + len(after) - 1 + np.arange(n_t)
+        tgt[i, :n_t] = q.target_ids
+        tw[i, :n_t] = 1.0
+    return HostArrays(pre_ids, pre_mask, Layout(rest_ids, rest_mask, at, tgt, tw), r_len)
+
+
 # ------------------------------------------------------------------------------ pure pieces
 
 
@@ -133,8 +192,9 @@ def prefix_cache(
     }
 
 
-def _rest_logits(model, cache: Cache, suffix_emb_CxSxD: jax.Array, layout: Layout) -> jax.Array:
-    """Logits [C, T, V] at the target positions for C suffixes after the cached prefix."""
+def rest_logits(model, cache: Cache, suffix_emb_CxSxD: jax.Array, layout: Layout) -> jax.Array:
+    """Logits [C, T, V] at the target positions for C suffixes (embeddings) after the cached
+    prefix (``model`` is the merged Decoder; the rest after the suffix comes from ``layout``)."""
     c, s, d = suffix_emb_CxSxD.shape
     r = layout.rest_ids_R.shape[0]
     start = cache["mask"].shape[-1] - r
@@ -184,7 +244,7 @@ def token_gradients(
     table_VxD = model.embedding_matrix
 
     def loss_fn(emb_SxD):
-        logits = _rest_logits(model, cache, emb_SxD[None], layout)
+        logits = rest_logits(model, cache, emb_SxD[None], layout)
         return target_loss(logits, layout, use_mellowmax=use_mellowmax, alpha=alpha)[0][0]
 
     emb = jnp.take(table_VxD, ids_S, axis=0).astype(jnp.float32)
@@ -250,7 +310,7 @@ def candidate_losses(
 
     def one(cand_CxS):
         emb = jnp.take(model.embedding_matrix, cand_CxS, axis=0)
-        logits = _rest_logits(model, cache, emb, layout)
+        logits = rest_logits(model, cache, emb, layout)
         return target_loss(logits, layout, use_mellowmax=use_mellowmax, alpha=alpha)
 
     if chunks.shape[0] == 1:  # one chunk: no loop (cheaper to compile)
@@ -313,7 +373,7 @@ def _tail_losses(model, cache: Cache, layout: Layout, p: int, tail_CxT: jax.Arra
     )  # fmt: skip
     sub_cache = {**cache, "mask": cache["mask"] & (slot < start + p)[None]}
     emb = jnp.take(model.embedding_matrix, tail_CxT, axis=0)
-    logits = _rest_logits(model, sub_cache, emb, sub)
+    logits = rest_logits(model, sub_cache, emb, sub)
     return target_loss(logits, sub, **mm)
 
 
@@ -449,7 +509,7 @@ def gcg_step(
         pad = spec.padded_width - spec.width  # padding rows are masked below; never evaluated
         loss = jnp.concatenate([loss_w, jnp.full((pad,), jnp.inf, loss_w.dtype)])
         hit = jnp.concatenate([hit_w, jnp.zeros((pad,), bool)])
-    elif spec.levels is not None:  # set only for random positions (``_step_spec``)
+    elif spec.levels is not None:  # set only for random positions (``gcg_driver.step_spec``)
         loss, hit = sorted_candidate_losses(
             graphdef, params, cache, ids_S, cand, layout, chunk=spec.chunk, levels=spec.levels,
             data_axes=spec.data_axes, **mm,
@@ -468,7 +528,13 @@ def gcg_step(
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
-def _batched_step(params, caches, ids_BxS, layouts, allowed_V, root_keys, step, *, graphdef, spec):
+def batched_gcg_step(
+    params, caches, ids_BxS, layouts, allowed_V, root_keys, step, *, graphdef, spec
+) -> dict[str, jax.Array]:
+    """``gcg_step`` for B behaviours (jitted): stacked batch-1 caches, suffixes [B, S], layouts
+    and root keys (the step key is ``fold_in(root, step)``); outputs gain a leading B axis.
+    One behaviour runs unvmapped, so run-time reuse levels stay one ``lax.switch`` branch."""
+
     def one(cache, ids, layout, root):
         key = jax.random.fold_in(root, step)
         return gcg_step(graphdef, params, cache, ids, layout, allowed_V, key, spec=spec)
@@ -485,12 +551,18 @@ def _batched_step(params, caches, ids_BxS, layouts, allowed_V, root_keys, step, 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "rest_len"))
-def _batched_prefix(params, prefix_ids_BxP, prefix_mask_BxP, *, graphdef, rest_len):
+def batched_prefix_cache(params, prefix_ids_BxP, prefix_mask_BxP, *, graphdef, rest_len) -> Cache:
+    """``prefix_cache`` (jitted) of B left-padded prefixes with room for ``rest_len`` more."""
     return prefix_cache(graphdef, params, prefix_ids_BxP, prefix_mask_BxP, rest_len)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
-def _batched_losses(params, caches, cand_BxWxS, layouts, *, graphdef, spec):
+def batched_candidate_losses(
+    params, caches, cand_BxWxS, layouts, *, graphdef, spec
+) -> tuple[jax.Array, jax.Array]:
+    """(loss [B, W], early-stop flag [B, W]): ``candidate_losses`` of W given suffixes per
+    behaviour in one chunk (jitted, vmapped over behaviours; the loss settings of ``spec``)."""
+
     def one(cache, cand, layout):
         return candidate_losses(
             graphdef, params, cache, cand, layout, chunk=cand.shape[0],
@@ -511,8 +583,10 @@ def _signature(x):
     return (np.shape(x), np.asarray(x).dtype, None)
 
 
-def _compiled(fn, args: tuple, static: dict) -> tuple[Callable, float]:
-    """AOT-compiled ``fn`` for these argument shapes/shardings (cached), and compile seconds."""
+def compile_cached(fn, args: tuple, static: dict) -> tuple[Callable, float]:
+    """AOT-compiled ``fn`` (a jitted function of this module) for these argument
+    shapes/dtypes/shardings and static arguments, cached per process; and the compile seconds
+    (0.0 when the executable was cached)."""
     leaves, tree = jax.tree.flatten(args)
     key = (fn, tree, tuple(_signature(x) for x in leaves), tuple(sorted(static.items())))
     if key in _EXECUTABLES:
@@ -521,21 +595,3 @@ def _compiled(fn, args: tuple, static: dict) -> tuple[Callable, float]:
     exe = fn.lower(*args, **static).compile()
     _EXECUTABLES[key] = exe
     return exe, time.perf_counter() - t0
-
-
-# ------------------------------------------------------------------------------ host driver
-# The host-side driver lives in ``gcg_driver`` (which imports this module); its names are served
-# from here lazily so ``mixat_jax.attacks.gcg`` keeps exporting them without a circular import.
-
-_DRIVER_NAMES = frozenset(
-    {"GCGResult", "StepReport", "run_gcg", "run_gcg_batch", "_Buffer", "_Problem", "_prepare",
-     "_host_arrays", "_step_spec", "_refuses", "_random_suffixes", "_round_up"}
-)  # fmt: skip
-
-
-def __getattr__(name: str):
-    if name in _DRIVER_NAMES:
-        from mixat_jax.attacks import gcg_driver
-
-        return getattr(gcg_driver, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

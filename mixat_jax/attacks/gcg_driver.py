@@ -1,8 +1,14 @@
-"""Host-side GCG driver (``run_gcg`` / ``run_gcg_batch``) around the compiled step in ``gcg``.
+"""Host-side GCG driver (``run_gcg`` / ``run_gcg_batch``) around the compiled step in ``gcg``
+(spec mixat.md §6.4; peers.md §1, §2, §12).
 
-Prompt slots and padded layouts, attack buffer, one compiled ``gcg_step`` per step, acceptance of
-the best top-M candidate that retokenises in the full prompt (``gcg_filters``), the optional
-HarmBench refusal check, progress reports (``StepReport``); one ``GCGResult`` per behaviour.
+One ``GCGRun`` holds a call's state: the behaviours' prompt slots (``Problem``), the device
+inputs, one ``SuffixBuffer`` and one trajectory per behaviour. ``start_run`` builds it (prefix KV
+caches computed once); ``GCGRun.init_buffers`` fills buffers of ``buffer_size > 1`` with random
+suffixes (nanoGCG); each ``GCGRun.step`` runs one compiled ``gcg.batched_gcg_step`` from every
+buffer's best suffix, accepts the best of the step's top-M candidates that retokenises in the
+full prompt (``gcg_filters``), offers it to the buffer, and runs the optional HarmBench refusal
+check (greedy completion without a refusal substring: stop); ``GCGRun.results`` gives one
+``GCGResult`` per behaviour. This module imports ``gcg``; ``gcg`` never imports it.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,20 +27,38 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mixat_jax.attacks.gcg import (
+    Cache,
     Layout,
+    Segments,
     StepSpec,
-    _batched_losses,
-    _batched_prefix,
-    _batched_step,
-    _compiled,
+    batched_candidate_losses,
+    batched_gcg_step,
+    batched_prefix_cache,
     bucket_plan,
+    compile_cached,
+    host_arrays,
     reuse_levels,
+    round_up,
 )
 from mixat_jax.attacks.gcg_filters import PromptSlots, allowed_token_mask, slot_prompt
 from mixat_jax.attacks.gcg_presets import GCGConfig
 from mixat_jax.chat import ChatRenderer
+from mixat_jax.judges.refusal import refusal_substrings
+from mixat_jax.sampling import TextGenerator
 
-__all__ = ["GCGResult", "StepReport", "run_gcg", "run_gcg_batch"]
+__all__ = [
+    "GCGResult",
+    "GCGRun",
+    "Problem",
+    "StepReport",
+    "SuffixBuffer",
+    "Trajectory",
+    "prepare_problem",
+    "run_gcg",
+    "run_gcg_batch",
+    "start_run",
+    "step_spec",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +86,8 @@ class GCGResult:
 
 @dataclasses.dataclass(frozen=True)
 class StepReport:
+    """Progress after one step of one behaviour (``progress`` callback of ``run_gcg_batch``)."""
+
     behavior_index: int
     step: int  # 1-based count of completed steps
     num_steps: int
@@ -71,16 +98,23 @@ class StepReport:
 
 
 @dataclasses.dataclass
-class _Problem:
+class Problem:
+    """One behaviour: its prompt split around the suffix slot and its target ids."""
+
     slots: PromptSlots
     target_ids: tuple[int, ...]
 
+    @property
+    def segments(self) -> Segments:
+        s = self.slots
+        return Segments(s.before_ids, s.suffix_ids, s.after_ids, self.target_ids)
 
-def _round_up(n: int, m: int) -> int:
-    return max(m, -(-n // m) * m)
 
-
-def _prepare(renderer: ChatRenderer, behavior: str, target: str, cfg: GCGConfig, i: int):
+def prepare_problem(
+    renderer: ChatRenderer, behavior: str, target: str, cfg: GCGConfig, i: int = 0
+) -> Problem:
+    """Slots and target ids of behaviour ``i``; one-line ValueErrors for empty behaviour or
+    target text and for a prompt + suffix + target longer than ``cfg.max_seq_len``."""
     if not isinstance(target, str) or not target.strip():
         raise ValueError(f"behaviour {i}: the target string is empty; give the target completion")
     if not isinstance(behavior, str) or not behavior.replace("{optim_str}", "").strip():
@@ -98,53 +132,26 @@ def _prepare(renderer: ChatRenderer, behavior: str, target: str, cfg: GCGConfig,
             f"behaviour {i} is too long for the sequence budget: prompt + suffix + target = "
             f"{total} tokens > max_seq_len={cfg.max_seq_len}"
         )
-    return _Problem(slots, target_ids)
+    return Problem(slots, target_ids)
 
 
-def _host_arrays(problems: list[_Problem], pad_id: int, cfg: GCGConfig):
-    """Left-padded prefixes [B, P] and stacked right-padded rest layouts [B, R]."""
-    m = cfg.length_multiple
-    s = len(problems[0].slots.suffix_ids)
-    p_len = _round_up(max(len(q.slots.before_ids) for q in problems), m)
-    t_len = _round_up(max(len(q.target_ids) for q in problems), 8)
-    r_len = _round_up(max(s + len(q.slots.after_ids) + len(q.target_ids) for q in problems), m)
-    b = len(problems)
-    pre_ids = np.full((b, p_len), pad_id, np.int32)
-    pre_mask = np.zeros((b, p_len), bool)
-    rest_ids = np.full((b, r_len), pad_id, np.int32)
-    rest_mask = np.zeros((b, r_len), bool)
-    at = np.zeros((b, t_len), np.int32)
-    tgt = np.zeros((b, t_len), np.int32)
-    tw = np.zeros((b, t_len), np.float32)
-    for i, q in enumerate(problems):
-        before, after = q.slots.before_ids, q.slots.after_ids
-        pre_ids[i, p_len - len(before) :] = before
-        pre_mask[i, p_len - len(before) :] = True
-        seq = [*q.slots.suffix_ids, *after, *q.target_ids]
-        rest_ids[i, : len(seq)] = seq
-        rest_mask[i, : len(seq)] = True
-        n_t = len(q.target_ids)
-        at[i, :n_t] = s + len(after) - 1 + np.arange(n_t)
-        tgt[i, :n_t] = q.target_ids
-        tw[i, :n_t] = 1.0
-    layouts = Layout(rest_ids, rest_mask, at, tgt, tw)
-    return pre_ids, pre_mask, layouts, r_len
-
-
-def _step_spec(
+def step_spec(
     cfg: GCGConfig,
     n_allowed: int,
     mesh: Mesh | None,
     suffix_len: int | None = None,
     n_behaviors: int = 1,
 ) -> StepSpec:
+    """The compiled step's static settings for ``cfg``: chunk size (rounded to the mesh's data
+    devices), top-k (at most the ``n_allowed`` tokens), top-M, and the suffix-prefix reuse plan
+    (static buckets for "spread" positions; run-time levels for "random" with one behaviour)."""
     w = cfg.search_width
     chunk = min(cfg.batch_size or w, w)
     data_axes = None
     if mesh is not None:
         n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
         if n_dev > 1:
-            chunk = _round_up(chunk, n_dev)
+            chunk = round_up(chunk, n_dev)
             data_axes = ("data", "fsdp")
     order = buckets = levels = None
     reuse = cfg.reuse_suffix_prefix and bool(suffix_len) and suffix_len > 1
@@ -156,7 +163,7 @@ def _step_spec(
     elif reuse and n_behaviors == 1:
         levels = reuse_levels(suffix_len, cfg.reuse_levels)
         if len(levels) > 1:  # sorted chunks must be fine enough to land above the levels
-            chunk = min(chunk, _round_up(-(-w // (2 * len(levels))), n_dev if data_axes else 1))
+            chunk = min(chunk, round_up(-(-w // (2 * len(levels))), n_dev if data_axes else 1))
         else:
             levels = None
     n_chunks = -(-w // chunk)
@@ -177,14 +184,19 @@ def _step_spec(
     )
 
 
-class _Buffer:
-    """Attack buffer of the best suffixes (size max(1, buffer_size)); current = the best."""
+class SuffixBuffer:
+    """Attack buffer: ``items`` = up to max(1, size) (loss, suffix ids), ascending by loss;
+    the current suffix is ``best`` (the lowest loss). A suffix already held is never re-added.
+    With ``accept_worse`` every offer replaces the single item (the step's best candidate always
+    becomes the current suffix, nanoGCG ``buffer_size=0`` / HarmBench)."""
 
     def __init__(self, size: int, accept_worse: bool):
         self.size, self.accept_worse = max(1, size), accept_worse
         self.items: list[tuple[float, tuple[int, ...]]] = []
 
     def offer(self, loss: float, ids: tuple[int, ...]) -> bool:
+        """Adds (loss, ids) if new and (unless ``accept_worse``) better than the worst held
+        item of a full buffer; returns whether it was added."""
         if any(ids == other for _, other in self.items):
             return False
         if self.accept_worse:
@@ -201,8 +213,6 @@ class _Buffer:
 
 
 def _refuses(text: str) -> bool:
-    from mixat_jax.judges.refusal import refusal_substrings
-
     low = text.lower()
     return any(s.lower() in low for s in refusal_substrings("harmbench"))
 
@@ -223,6 +233,224 @@ def _random_suffixes(rng, allowed: np.ndarray, n: int, slots, renderer) -> list[
     return out
 
 
+@dataclasses.dataclass
+class Trajectory:
+    """One behaviour's accepted suffixes so far: per-step loss and decoded suffix, the best
+    (loss, ids) over the steps, and whether (and why) it stopped."""
+
+    losses: list[float]
+    strings: list[str]
+    best: tuple[float, tuple[int, ...]]
+    done: bool = False
+    stopped: bool = False  # early stop (every target token argmax, or no refusal)
+    steps_run: int = 0
+
+
+@dataclasses.dataclass
+class GCGRun:
+    """State of one ``run_gcg_batch`` call (``start_run`` builds it, inside ``jax.set_mesh``
+    when sharded). Device inputs: ``caches`` (batch-1 prefix caches), ``layouts``, ``allowed_V``,
+    ``root_keys`` (one PRNG key per behaviour); host state: one buffer and one trajectory per
+    behaviour; ``compile_seconds`` accumulates every compile of the call."""
+
+    cfg: GCGConfig
+    spec: StepSpec
+    renderer: ChatRenderer
+    model: Any  # the Decoder (refusal-check generation)
+    problems: list[Problem]
+    seeds: list[int]
+    allowed_host_V: np.ndarray  # bool
+    graphdef: nnx.GraphDef
+    params: tuple[nnx.State, ...]
+    put: Callable[[Any], jax.Array]  # host -> device (replicated over the mesh, if any)
+    caches: Cache
+    layouts: Layout
+    allowed_V: jax.Array
+    root_keys: jax.Array
+    buffers: list[SuffixBuffer]
+    tracks: list[Trajectory]
+    compile_seconds: float = 0.0
+    step_seconds: list[float] = dataclasses.field(default_factory=list)
+    step_executable: Callable | None = None
+    generator: TextGenerator | None = None
+
+    @property
+    def done(self) -> bool:
+        return all(t.done for t in self.tracks)
+
+    def init_buffers(self) -> None:
+        """Fills buffers with random suffixes (nanoGCG's random buffer init) and their losses."""
+        extra = self.cfg.buffer_size - 1
+        cands = []
+        for q, seed in zip(self.problems, self.seeds, strict=True):
+            rng = np.random.default_rng(seed)
+            cands.append(_random_suffixes(rng, self.allowed_host_V, extra, q.slots, self.renderer))
+        arr = self.put(np.asarray(cands, np.int32))
+        args = (self.params, self.caches, arr, self.layouts)
+        exe, compile_s = compile_cached(
+            batched_candidate_losses, args, dict(graphdef=self.graphdef, spec=self.spec)
+        )
+        losses = np.asarray(exe(*args)[0])
+        for buf, cs, ls in zip(self.buffers, cands, losses, strict=True):
+            for c, loss in zip(cs, ls, strict=True):
+                buf.offer(float(loss), c)
+        self.compile_seconds += compile_s
+
+    def step(self, step: int, progress: Callable[[StepReport], None] | None = None) -> None:
+        """One compiled GCG step (0-based ``step``) for every behaviour not yet done."""
+        t0 = time.perf_counter()
+        cur = self.put(np.asarray([buf.best[1] for buf in self.buffers], np.int32))
+        args = (self.params, self.caches, cur, self.layouts, self.allowed_V, self.root_keys,
+                self.put(np.int32(step)))  # fmt: skip
+        if self.step_executable is None:
+            self.step_executable, c_s = compile_cached(
+                batched_gcg_step, args, dict(graphdef=self.graphdef, spec=self.spec)
+            )
+            self.compile_seconds += c_s
+            t0 = time.perf_counter()
+        out = jax.device_get(self.step_executable(*args))
+        for b in range(len(self.problems)):
+            if not self.tracks[b].done:
+                self._accept(b, step, out, progress, t0)
+        self.step_seconds.append(time.perf_counter() - t0)
+
+    def _accept(self, b: int, step: int, out: dict, progress, t0: float) -> None:
+        """Behaviour ``b``: the first top-M candidate that retokenises goes to the buffer; then
+        the trajectory, early stop and the refusal check."""
+        cfg, track = self.cfg, self.tracks[b]
+        tok = self.renderer.tokenizer
+        buf, slots = self.buffers[b], self.problems[b].slots
+        cur_loss, cur_ids = buf.best
+        if not np.isfinite(cur_loss):  # first step: the init's loss
+            buf.items[0] = (float(out["cur_loss"][b]), cur_ids)
+        chosen = None
+        for m in range(self.spec.top_m):
+            loss_m = float(out["top_loss"][b, m])
+            if not np.isfinite(loss_m):
+                break
+            ids_m = tuple(int(t) for t in out["top_ids"][b, m])
+            if not cfg.filter_ids or slots.retokenizes(self.renderer, ids_m):
+                chosen = (loss_m, ids_m, bool(out["top_hit"][b, m]))
+                break
+        accepted = chosen is not None and buf.offer(chosen[0], chosen[1])
+        loss_now, ids_now = buf.best
+        if cfg.accept_worse and accepted:
+            loss_now, ids_now = chosen[0], chosen[1]
+        suffix = tok.decode(list(ids_now), skip_special_tokens=False)
+        track.losses.append(loss_now)
+        track.strings.append(suffix)
+        if loss_now < track.best[0]:
+            track.best = (loss_now, ids_now)
+        track.steps_run = step + 1
+        if cfg.early_stop and accepted and chosen[2]:
+            track.done = track.stopped = True
+        if cfg.check_refusal and not track.done and (
+            step % cfg.eval_steps == 0 or step == cfg.num_steps - 1
+        ) and loss_now < cfg.check_refusal_min_loss:  # fmt: skip
+            if self.generator is None:
+                self.generator = TextGenerator(self.model, tok, batch_size=1)
+            out_ids = self.generator.generate_ids(
+                [slots.prompt_ids(ids_now)], max_new_tokens=cfg.refusal_max_new_tokens
+            )[0]
+            if not _refuses(tok.decode(out_ids, skip_special_tokens=False)):
+                track.done = track.stopped = True
+        if progress is not None:
+            progress(StepReport(b, step + 1, cfg.num_steps, loss_now, track.best[0], suffix,
+                                time.perf_counter() - t0))  # fmt: skip
+
+    def results(self) -> list[GCGResult]:
+        """One ``GCGResult`` per behaviour (``behavior``/``target`` left empty)."""
+        tok = self.renderer.tokenizer
+        times = self.step_seconds
+        per_step = float(np.median(times[1:] if len(times) > 1 else times)) if times else 0.0
+        results = []
+        for q, buf, track in zip(self.problems, self.buffers, self.tracks, strict=True):
+            best_loss, best_ids = track.best
+            results.append(
+                GCGResult(
+                    best_loss=float(best_loss),
+                    best_string=tok.decode(list(best_ids), skip_special_tokens=False),
+                    best_ids=tuple(best_ids),
+                    losses=[float(x) for x in track.losses],
+                    strings=track.strings,
+                    num_steps=track.steps_run,
+                    seconds_per_step=per_step,
+                    compile_seconds=float(self.compile_seconds),
+                    stopped_early=track.stopped,
+                    best_test_case=q.slots.test_case(tok, best_ids),
+                    final_string=track.strings[-1] if track.strings else "",
+                    final_test_case=q.slots.test_case(tok, buf.best[1]),
+                )
+            )
+        return results
+
+
+def start_run(
+    model,
+    tokenizer,
+    behaviors: Sequence[str],
+    targets: Sequence[str],
+    cfg: GCGConfig,
+    *,
+    seed: int | Sequence[int] = 0,
+    mesh: Mesh | None = None,
+) -> GCGRun:
+    """Validates the behaviours, computes their prefix caches and returns the run before its
+    first step (buffers hold the init suffix, loss unknown). Call inside ``jax.set_mesh(mesh)``
+    when ``mesh`` is given. ``seed`` as in ``run_gcg_batch``."""
+    behaviors, targets = list(behaviors), list(targets)
+    if not behaviors or len(behaviors) != len(targets):
+        raise ValueError(
+            f"need one target per behaviour and at least one; got {len(behaviors)} behaviours "
+            f"and {len(targets)} targets"
+        )
+    seeds = [seed + i for i in range(len(behaviors))] if isinstance(seed, int) else list(seed)
+    if len(seeds) != len(behaviors):
+        raise ValueError(f"got {len(seeds)} seeds for {len(behaviors)} behaviours")
+    renderer = ChatRenderer(tokenizer)
+    problems = [
+        prepare_problem(renderer, b, t, cfg, i)
+        for i, (b, t) in enumerate(zip(behaviors, targets, strict=True))
+    ]
+    s = len(problems[0].slots.suffix_ids)
+    for i, q in enumerate(problems):
+        if len(q.slots.suffix_ids) != s:
+            raise ValueError(
+                f"optim_str_init tokenises to {len(q.slots.suffix_ids)} tokens in behaviour {i}'s "
+                f"prompt but {s} in behaviour 0's; set an init that tokenises the same everywhere"
+            )
+    vocab = int(model.cfg.vocab_size)
+    allowed = allowed_token_mask(tokenizer, vocab, allow_non_ascii=cfg.allow_non_ascii)
+    spec = step_spec(cfg, int(allowed.sum()), mesh, suffix_len=s, n_behaviors=len(problems))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    host = host_arrays([q.segments for q in problems], int(pad_id), cfg.length_multiple)
+    graphdef, *params = nnx.split(model)
+    params = tuple(params)
+    put = (
+        jnp.asarray
+        if mesh is None
+        else functools.partial(jax.device_put, device=NamedSharding(mesh, PartitionSpec()))
+    )
+    buffers = [SuffixBuffer(cfg.buffer_size, cfg.accept_worse) for _ in problems]
+    for buf, q in zip(buffers, problems, strict=True):
+        buf.items = [(float("inf"), q.slots.suffix_ids)]
+    tracks = [Trajectory([], [], (float("inf"), q.slots.suffix_ids)) for q in problems]
+    layouts = jax.tree.map(put, host.layouts)
+    allowed_dev = put(allowed)
+    root_keys = put(jnp.stack([jax.random.key(int(x)) for x in seeds]))
+    pargs = (params, put(host.prefix_ids_BxP), put(host.prefix_mask_BxP))
+    exe, compile_s = compile_cached(
+        batched_prefix_cache, pargs, dict(graphdef=graphdef, rest_len=host.rest_len)
+    )
+    caches = exe(*pargs)
+    return GCGRun(
+        cfg=cfg, spec=spec, renderer=renderer, model=model, problems=problems, seeds=seeds,
+        allowed_host_V=allowed, graphdef=graphdef, params=params, put=put, caches=caches,
+        layouts=layouts, allowed_V=allowed_dev, root_keys=root_keys, buffers=buffers,
+        tracks=tracks, compile_seconds=compile_s,
+    )  # fmt: skip
+
+
 def run_gcg_batch(
     model,
     tokenizer,
@@ -240,174 +468,20 @@ def run_gcg_batch(
     samples exactly the candidates a single-behaviour run with seed s would."""
     cfg = cfg or GCGConfig()
     behaviors, targets = list(behaviors), list(targets)
-    if not behaviors or len(behaviors) != len(targets):
-        raise ValueError(
-            f"need one target per behaviour and at least one; got {len(behaviors)} behaviours "
-            f"and {len(targets)} targets"
-        )
-    seeds = [seed + i for i in range(len(behaviors))] if isinstance(seed, int) else list(seed)
-    if len(seeds) != len(behaviors):
-        raise ValueError(f"got {len(seeds)} seeds for {len(behaviors)} behaviours")
-    renderer = ChatRenderer(tokenizer)
-    problems = [
-        _prepare(renderer, b, t, cfg, i)
-        for i, (b, t) in enumerate(zip(behaviors, targets, strict=True))
-    ]
-    s = len(problems[0].slots.suffix_ids)
-    for i, q in enumerate(problems):
-        if len(q.slots.suffix_ids) != s:
-            raise ValueError(
-                f"optim_str_init tokenises to {len(q.slots.suffix_ids)} tokens in behaviour {i}'s "
-                f"prompt but {s} in behaviour 0's; set an init that tokenises the same everywhere"
-            )
-    vocab = int(model.cfg.vocab_size)
-    allowed = allowed_token_mask(tokenizer, vocab, allow_non_ascii=cfg.allow_non_ascii)
-    spec = _step_spec(cfg, int(allowed.sum()), mesh, suffix_len=s, n_behaviors=len(problems))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    pre_ids, pre_mask, layouts_np, r_len = _host_arrays(problems, int(pad_id), cfg)
-    graphdef, *params = nnx.split(model)
-    params = tuple(params)
-
-    put = (
-        jnp.asarray
-        if mesh is None
-        else functools.partial(jax.device_put, device=NamedSharding(mesh, PartitionSpec()))
-    )
     ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-    n_b = len(problems)
-    buffers = [_Buffer(cfg.buffer_size, cfg.accept_worse) for _ in range(n_b)]
-    for buf, q in zip(buffers, problems, strict=True):
-        buf.items = [(float("inf"), q.slots.suffix_ids)]
     with ctx:
-        layouts = jax.tree.map(put, layouts_np)
-        allowed_dev = put(allowed)
-        root_keys = put(jnp.stack([jax.random.key(int(x)) for x in seeds]))
-        pargs = (params, put(pre_ids), put(pre_mask))
-        exe, compile_s = _compiled(_batched_prefix, pargs, dict(graphdef=graphdef, rest_len=r_len))
-        caches = exe(*pargs)
+        run = start_run(model, tokenizer, behaviors, targets, cfg, seed=seed, mesh=mesh)
         if cfg.buffer_size > 1:
-            compile_s += _init_buffers(
-                buffers, problems, renderer, allowed, cfg, seeds, spec, graphdef, params,
-                caches, layouts, put,
-            )  # fmt: skip
-        results = _loop(
-            cfg, spec, renderer, model, problems, buffers, graphdef, params, caches, layouts,
-            allowed_dev, root_keys, put, progress, compile_s,
-        )  # fmt: skip
+            run.init_buffers()
+        for step in range(cfg.num_steps):
+            run.step(step, progress)
+            if run.done:
+                break
+        results = run.results()
     return [
         dataclasses.replace(r, behavior=b, target=t)
         for r, b, t in zip(results, behaviors, targets, strict=True)
     ]
-
-
-def _init_buffers(buffers, problems, renderer, allowed, cfg, seeds, spec, graphdef, params,
-                  caches, layouts, put) -> float:  # fmt: skip
-    """Fills buffers with random suffixes (nanoGCG's random buffer init) and their losses."""
-    extra = cfg.buffer_size - 1
-    cands = []
-    for q, seed in zip(problems, seeds, strict=True):
-        rng = np.random.default_rng(seed)
-        cands.append(_random_suffixes(rng, allowed, extra, q.slots, renderer))
-    arr = put(np.asarray(cands, np.int32))
-    args = (params, caches, arr, layouts)
-    exe, compile_s = _compiled(_batched_losses, args, dict(graphdef=graphdef, spec=spec))
-    losses = np.asarray(exe(*args)[0])
-    for buf, cs, ls in zip(buffers, cands, losses, strict=True):
-        for c, loss in zip(cs, ls, strict=True):
-            buf.offer(float(loss), c)
-    return compile_s
-
-
-def _loop(cfg, spec, renderer, model, problems, buffers, graphdef, params, caches, layouts,
-          allowed_dev, root_keys, put, progress, compile_s) -> list[GCGResult]:  # fmt: skip
-    tok = renderer.tokenizer
-    n_b = len(problems)
-    losses = [[] for _ in range(n_b)]
-    strings = [[] for _ in range(n_b)]
-    best = [(float("inf"), problems[i].slots.suffix_ids) for i in range(n_b)]
-    done = [False] * n_b
-    stopped = [False] * n_b
-    steps_run = [0] * n_b
-    times: list[float] = []
-    generator = None
-    exe = None
-    for step in range(cfg.num_steps):
-        t0 = time.perf_counter()
-        cur = put(np.asarray([buf.best[1] for buf in buffers], np.int32))
-        args = (params, caches, cur, layouts, allowed_dev, root_keys, put(np.int32(step)))
-        if exe is None:
-            exe, c_s = _compiled(_batched_step, args, dict(graphdef=graphdef, spec=spec))
-            compile_s += c_s
-            t0 = time.perf_counter()
-        out = jax.device_get(exe(*args))
-        for b in range(n_b):
-            if done[b]:
-                continue
-            buf, slots = buffers[b], problems[b].slots
-            cur_loss, cur_ids = buf.best
-            if not np.isfinite(cur_loss):  # first step: the init's loss
-                buf.items[0] = (float(out["cur_loss"][b]), cur_ids)
-            chosen = None
-            for m in range(spec.top_m):
-                loss_m = float(out["top_loss"][b, m])
-                if not np.isfinite(loss_m):
-                    break
-                ids_m = tuple(int(t) for t in out["top_ids"][b, m])
-                if not cfg.filter_ids or slots.retokenizes(renderer, ids_m):
-                    chosen = (loss_m, ids_m, bool(out["top_hit"][b, m]))
-                    break
-            accepted = chosen is not None and buf.offer(chosen[0], chosen[1])
-            loss_now, ids_now = buf.best
-            if cfg.accept_worse and accepted:
-                loss_now, ids_now = chosen[0], chosen[1]
-            suffix = tok.decode(list(ids_now), skip_special_tokens=False)
-            losses[b].append(loss_now)
-            strings[b].append(suffix)
-            if loss_now < best[b][0]:
-                best[b] = (loss_now, ids_now)
-            steps_run[b] = step + 1
-            if cfg.early_stop and accepted and chosen[2]:
-                done[b] = stopped[b] = True
-            if cfg.check_refusal and not done[b] and (
-                step % cfg.eval_steps == 0 or step == cfg.num_steps - 1
-            ) and loss_now < cfg.check_refusal_min_loss:  # fmt: skip
-                if generator is None:
-                    from mixat_jax.sampling import TextGenerator
-
-                    generator = TextGenerator(model, tok, batch_size=1)
-                out_ids = generator.generate_ids(
-                    [slots.prompt_ids(ids_now)], max_new_tokens=cfg.refusal_max_new_tokens
-                )[0]
-                if not _refuses(tok.decode(out_ids, skip_special_tokens=False)):
-                    done[b] = stopped[b] = True
-            if progress is not None:
-                progress(StepReport(b, step + 1, cfg.num_steps, loss_now, best[b][0], suffix,
-                                    time.perf_counter() - t0))  # fmt: skip
-        times.append(time.perf_counter() - t0)
-        if all(done):
-            break
-    per_step = float(np.median(times[1:] if len(times) > 1 else times)) if times else 0.0
-    results = []
-    for b in range(n_b):
-        slots = problems[b].slots
-        final_ids = buffers[b].best[1]
-        results.append(
-            GCGResult(
-                best_loss=float(best[b][0]),
-                best_string=tok.decode(list(best[b][1]), skip_special_tokens=False),
-                best_ids=tuple(best[b][1]),
-                losses=[float(x) for x in losses[b]],
-                strings=strings[b],
-                num_steps=steps_run[b],
-                seconds_per_step=per_step,
-                compile_seconds=float(compile_s),
-                stopped_early=stopped[b],
-                best_test_case=slots.test_case(tok, best[b][1]),
-                final_string=strings[b][-1] if strings[b] else "",
-                final_test_case=slots.test_case(tok, final_ids),
-            )
-        )
-    return results
 
 
 def run_gcg(

@@ -6,9 +6,10 @@ DAT rewrite attacks (dat.md §6.1 past tense, §6.2 translation).  Attacker, mut
 judge and target models are all *local* models behind :class:`TextGenerator`; the real batched JAX
 implementation lives in ``mixat_jax.sampling`` (not imported here).
 
-Also holds the small, shared rules for interpreting generated text: behaviour records
-(:class:`BehaviorLike`), refusal detection of a helper model's output, and cleaning of a rewrite
-(strip, one layer of quotes, "Here is ..." preambles).  :class:`ScriptedGenerator` is a
+Also holds the records every attack shares: behaviour records (:class:`BehaviorLike`) and the
+:class:`TestCase` an attack returns when a test case carries more than its text; and the small,
+shared rules for interpreting generated text: refusal detection of a helper model's output, and
+cleaning of a rewrite (strip, one layer of quotes, "Here is ..." preambles).  :class:`ScriptedGenerator` is a
 deterministic test double and must only be used in tests.
 """
 
@@ -18,7 +19,7 @@ import re
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -29,6 +30,7 @@ __all__ = [
     "HELPER_REFUSAL_MARKERS",
     "GenerateCall",
     "ScriptedGenerator",
+    "TestCase",
     "TextGenerator",
     "call_seed",
     "clean_generated_text",
@@ -58,7 +60,7 @@ class TextGenerator(Protocol):
 
 
 class BehaviorLike(Protocol):
-    """A HarmBench-style behaviour record (``evaluation`` provides the concrete class)."""
+    """A HarmBench-style behaviour record (the concrete one: ``mixat_jax.behaviors.Behavior``)."""
 
     @property
     def id(self) -> str: ...
@@ -71,6 +73,20 @@ class BehaviorLike(Protocol):
 
     @property
     def target(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class TestCase:
+    """One test case of an attack: the prompt sent to the target, what the attack knows about it
+    (``meta``: technique, score, loss, ...) and, for white-box attacks that generate the target's
+    answer themselves, that ``completion``.  Attacks whose test cases are plain prompts return
+    ``str``; the evaluation treats a ``str`` as ``TestCase(text)``."""
+
+    __test__ = False  # not a pytest class
+
+    text: str
+    completion: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def validate_behaviors(behaviors: Sequence[BehaviorLike]) -> None:

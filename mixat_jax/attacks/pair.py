@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from mixat_jax.attacks.direct import behavior_with_context
 from mixat_jax.attacks.llm_interface import (
     BehaviorLike,
+    TestCase,
     TextGenerator,
     call_seed,
     validate_behaviors,
@@ -382,6 +383,15 @@ class AdaptiveResult:
             self.best_prompt = attempt.prompt
             self.best_response = attempt.response
 
+    def test_case(self) -> TestCase:
+        """The best prompt with its attack-internal score, early stop and number of queries."""
+        meta = {
+            "attack_score": self.best_score,
+            "stopped_early": self.stopped_early,
+            "queries": len(self.attempts),
+        }
+        return TestCase(self.best_prompt, meta=meta)
+
 
 def query_attacker(
     attacker: TextGenerator,
@@ -519,6 +529,6 @@ class PAIR:
 
     def generate_test_cases(
         self, behaviors: Sequence[BehaviorLike], *, seed: int = 0
-    ) -> dict[str, list[str]]:
+    ) -> dict[str, list[TestCase]]:
         """The best prompt per behaviour (the behaviour itself if every attacker call failed)."""
-        return {bid: [r.best_prompt] for bid, r in self.run(behaviors, seed=seed).items()}
+        return {bid: [r.test_case()] for bid, r in self.run(behaviors, seed=seed).items()}

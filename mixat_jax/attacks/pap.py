@@ -30,6 +30,7 @@ from mixat_jax.attacks.llm_interface import (
     ERROR_STRING,
     HELPER_REFUSAL_MARKERS,
     BehaviorLike,
+    TestCase,
     TextGenerator,
     call_seed,
     clean_generated_text,
@@ -284,13 +285,15 @@ class PAP:
 
     def generate_test_cases(
         self, behaviors: Sequence[BehaviorLike], *, seed: int = 0
-    ) -> dict[str, list[str]]:
-        """``num_techniques × n_per_technique`` test cases per behaviour (fewer if rejected)."""
+    ) -> dict[str, list[TestCase]]:
+        """``num_techniques × n_per_technique`` test cases per behaviour (fewer if rejected),
+        each with its technique."""
         rewrites = self.rewriter.rewrite(behaviors, seed=seed)
         by_id = {b.id: b for b in behaviors}
-        out: dict[str, list[str]] = {b.id: [] for b in behaviors}
+        out: dict[str, list[TestCase]] = {b.id: [] for b in behaviors}
         for r in rewrites:
-            out[r.behavior_id].append(with_context(by_id[r.behavior_id].context, r.text))
+            text = with_context(by_id[r.behavior_id].context, r.text)
+            out[r.behavior_id].append(TestCase(text, meta={"technique": r.technique}))
         return out
 
 

@@ -18,15 +18,16 @@ to ``max_retries`` times and then dropped.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from mixat_jax.attacks.direct import with_context
 from mixat_jax.attacks.llm_interface import (
     ERROR_STRING,
     HELPER_REFUSAL_MARKERS,
     BehaviorLike,
+    TestCase,
     TextGenerator,
     call_seed,
     clean_generated_text,
@@ -117,6 +118,20 @@ def build_translation_prompt(text: str, language: str) -> str:
     )
 
 
+def _test_cases(
+    behaviors: Sequence[BehaviorLike],
+    rewrites: list[Reformulation],
+    meta: Callable[[Reformulation], dict[str, Any]],
+) -> dict[str, list[TestCase]]:
+    """Rewrites as test cases per behaviour (context prepended, ``meta(rewrite)`` attached)."""
+    by_id = {b.id: b for b in behaviors}
+    out: dict[str, list[TestCase]] = {b.id: [] for b in behaviors}
+    for r in rewrites:
+        text = with_context(by_id[r.behavior_id].context, r.text)
+        out[r.behavior_id].append(TestCase(text, meta=meta(r)))
+    return out
+
+
 def _usable(text: str) -> bool:
     return (
         bool(text.strip())
@@ -188,12 +203,11 @@ class PastTenseAttack:
 
     def generate_test_cases(
         self, behaviors: Sequence[BehaviorLike], *, seed: int = 0
-    ) -> dict[str, list[str]]:
-        by_id = {b.id: b for b in behaviors}
-        out: dict[str, list[str]] = {b.id: [] for b in behaviors}
-        for r in self.reformulate(behaviors, seed=seed):
-            out[r.behavior_id].append(with_context(by_id[r.behavior_id].context, r.text))
-        return out
+    ) -> dict[str, list[TestCase]]:
+        """The reformulations (context prepended), each with its tense."""
+        return _test_cases(
+            behaviors, self.reformulate(behaviors, seed=seed), lambda r: {"tense": r.kind}
+        )
 
 
 @dataclass(frozen=True)
@@ -227,9 +241,16 @@ class TranslationAttack:
 
     name = "Translation"
 
-    def __init__(self, generator: TextGenerator, cfg: TranslationConfig | None = None) -> None:
+    def __init__(
+        self,
+        generator: TextGenerator,
+        cfg: TranslationConfig | None = None,
+        *,
+        back_translate_tokens: int | None = None,
+    ) -> None:
         self.generator = generator
         self.cfg = cfg or TranslationConfig()
+        self.back_translate_tokens = back_translate_tokens
         self.rejections: Counter[str] = Counter()
 
     def _slots(self) -> list[tuple[int, str]]:
@@ -275,11 +296,24 @@ class TranslationAttack:
 
     def generate_test_cases(
         self, behaviors: Sequence[BehaviorLike], *, seed: int = 0
-    ) -> dict[str, list[str]]:
-        by_id = {b.id: b for b in behaviors}
-        out: dict[str, list[str]] = {b.id: [] for b in behaviors}
-        for r in self.translate(behaviors, seed=seed):
-            out[r.behavior_id].append(with_context(by_id[r.behavior_id].context, r.text))
+    ) -> dict[str, list[TestCase]]:
+        """The translations (context prepended), each with its language."""
+        return _test_cases(
+            behaviors, self.translate(behaviors, seed=seed), lambda r: {"language": r.language}
+        )
+
+    def judge_inputs(self, completions: list[str]) -> list[str]:
+        """What the judge reads (dat.md §6.2): the non-empty responses back-translated to English
+        with ``back_translate_tokens`` new tokens, or the responses unchanged when it is None."""
+        if self.back_translate_tokens is None:
+            return list(completions)
+        todo = [i for i, c in enumerate(completions) if c.strip()]
+        back = self.back_translate(
+            [completions[i] for i in todo], max_new_tokens=self.back_translate_tokens
+        )
+        out = list(completions)
+        for i, t in zip(todo, back, strict=True):
+            out[i] = t
         return out
 
     def back_translate(self, texts: list[str], *, max_new_tokens: int = 512) -> list[str]:

@@ -23,6 +23,7 @@ import numpy as np
 from mixat_jax.attacks.direct import behavior_with_context
 from mixat_jax.attacks.llm_interface import (
     BehaviorLike,
+    TestCase,
     TextGenerator,
     call_seed,
     validate_behaviors,
@@ -204,6 +205,6 @@ class TAP:
 
     def generate_test_cases(
         self, behaviors: Sequence[BehaviorLike], *, seed: int = 0
-    ) -> dict[str, list[str]]:
+    ) -> dict[str, list[TestCase]]:
         """The best prompt per behaviour (the behaviour itself if every attacker call failed)."""
-        return {bid: [r.best_prompt] for bid, r in self.run(behaviors, seed=seed).items()}
+        return {bid: [r.test_case()] for bid, r in self.run(behaviors, seed=seed).items()}

@@ -122,10 +122,16 @@ def builtin_templates() -> list[JailbreakTemplate]:
 
 @dataclass(frozen=True)
 class HumanJailbreaksConfig:
-    """``templates_path``: user file (JSON/CSV); ``include_builtin``: also use the bundled set."""
+    """``templates_path``: user file (JSON/CSV); ``include_builtin``: also use the bundled set;
+    ``num_templates``: only the first N templates (0 = all, the protocol)."""
 
     templates_path: str | None = None
     include_builtin: bool = True
+    num_templates: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_templates < 0:
+            raise ValueError(f"num_templates must be >= 0, got {self.num_templates}")
 
 
 class HumanJailbreaks:
@@ -145,6 +151,8 @@ class HumanJailbreaks:
                 "HumanJailbreaks has no templates; set templates_path or include_builtin=True"
             )
         validate_templates(templates, "HumanJailbreaks templates (builtin + user)")
+        if self.cfg.num_templates:
+            templates = templates[: self.cfg.num_templates]
         self.templates: tuple[JailbreakTemplate, ...] = tuple(templates)
 
     def generate_test_cases(

@@ -28,6 +28,10 @@ import numpy as np
 
 from mixat_jax import cli as cli_lib
 from mixat_jax.demo.base import build_base, shipped_base_dir
+from mixat_jax.evaluation import pipeline
+from mixat_jax.evaluation.run_config import base_config
+from mixat_jax.sampling import TextGenerator
+from mixat_jax.training import loop
 from mixat_jax.training.synthetic import is_correct, safety_world
 
 ATTACKS = ("DirectRequest", "HumanJailbreaks", "GCG", "Continuous")
@@ -74,8 +78,6 @@ def write_world(world: dict, out: Path) -> tuple[Path, Path, list[str]]:
 def eval_config(
     demo, model: Path, adapter: Path | None, csv_path, tgt_path, markers
 ) -> ml_collections.ConfigDict:
-    from mixat_jax.evaluation.pipeline import base_config
-
     c = base_config()
     c.model = str(model)
     c.adapter = str(adapter) if adapter else ""
@@ -118,8 +120,6 @@ def eval_config(
 def benign_accuracy(
     model: Path, adapter: Path | None, world: dict, max_new_tokens: int
 ) -> dict[str, Any]:
-    from mixat_jax.sampling import TextGenerator
-
     gen = TextGenerator.from_pretrained(
         model, adapter=str(adapter) if adapter else None, dtype="float32", batch_size=16
     )
@@ -139,8 +139,6 @@ def benign_accuracy(
 def measure(
     name: str, demo, model: Path, adapter: Path | None, world, files, out: Path
 ) -> dict[str, Any]:
-    from mixat_jax.evaluation import pipeline
-
     log(
         f"measuring {name}: attacks {', '.join(ATTACKS)} on {len(world['eval_behaviors'])} held-out behaviours"
     )
@@ -163,8 +161,6 @@ def measure(
 
 
 def train_variant(config, variant: str, model: Path, out: Path) -> Path:
-    from mixat_jax.training import loop
-
     c = ml_collections.ConfigDict(config.to_dict())
     del c["demo"]
     c.model = str(model)
@@ -204,7 +200,7 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     lines += ["", f"Total time: {report['seconds']:.0f} s.", ""]
     (out / "report.md").write_text("\n".join(lines))
     try:
-        import matplotlib
+        import matplotlib  # lazy: plotting only at the end of the demo
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

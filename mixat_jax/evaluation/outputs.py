@@ -1,147 +1,114 @@
-"""Stage 5 of an evaluation and its utility metrics: `completions.jsonl`, ALO-ASR, `report.md`
-(`EvaluationOutputs`, a base of `stages.Evaluation`), XSTest and multiple-choice utility.
+"""What an evaluation run writes, as plain functions of its records (spec mixat.md §8.1 step 5,
+§8.2): `config.json` (`run_manifest`), `completions.jsonl` (`final_records`), `alo_asr.json`,
+`report.md` and `alo_asr.png` (`write_outputs`), `utility.json` and a utility-only `report.md`.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mixat_jax.evaluation.cache import (
-    JsonlStore,
-    fingerprint,
-    text_hash,
-    write_json_atomic,
-    write_jsonl_atomic,
-)
-from mixat_jax.evaluation.progress import _Progress
-from mixat_jax.evaluation.run_config import TARGET_ALIAS
+from mixat_jax.evaluation.alo_asr import compute_alo_asr
+from mixat_jax.evaluation.cache import write_json_atomic, write_jsonl_atomic
+from mixat_jax.evaluation.fingerprints import attack_fingerprint
+from mixat_jax.evaluation.report import write_report
+from mixat_jax.evaluation.run_config import Resolved
+
+# (attack, behaviour id, test-case index) -> record
+RecordKey = tuple[str, str, int]
 
 
-class EvaluationOutputs:
-    """Output and utility stages of `stages.Evaluation` (uses its state: res, cfg, out, pool)."""
+def run_manifest(res: Resolved) -> dict[str, Any]:
+    """The content of OUT/config.json: the config plus what it resolved to."""
+    versions = {}
+    for pkg in ("jax", "flax", "transformers"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "config": res.cfg.to_dict(),
+        "judge": res.judge_name,
+        "behaviors": {"n": len(res.behaviors), "ids": [b.id for b in res.behaviors]},
+        "targets_defaulted": res.targets_defaulted,
+        "attacks": [
+            {
+                "name": p.name,
+                "kind": p.kind,
+                "block": p.block,
+                "fingerprint": attack_fingerprint(res, p),
+            }
+            for p in res.plans
+        ],
+        "helpers": res.helper_paths,
+        "versions": versions,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
-    # -- stage 5: outputs
-    def final_records(self) -> list[dict[str, Any]]:
-        out = []
-        for plan in self.res.plans:
-            for b in self.res.behaviors:
-                for rec in self.cases[plan.name].get(b.id, []):
-                    key = (plan.name, b.id, int(rec["index"]))
-                    g, j = self.gens.get(key), self.judged.get(key)
-                    if g is None or j is None:
-                        continue
-                    row = {
-                        "behavior_id": b.id,
-                        "attack": plan.name,
-                        "index": key[2],
-                        "test_case": rec["test_case"],
-                        "completion": g["completion"],
-                        "judge": j["judge"],
-                        "label": j["label"],
-                    }
-                    if "judge_input" in g:
-                        row["judge_input"] = g["judge_input"]
-                    if rec.get("meta"):
-                        row["attack_meta"] = rec["meta"]
-                    if j.get("meta"):
-                        row["judge_meta"] = j["meta"]
-                    out.append(row)
-        return out
 
-    def write_outputs(self, utility: Mapping[str, Any] | None) -> dict[str, Any] | None:
-        from mixat_jax.evaluation.alo_asr import compute_alo_asr
-        from mixat_jax.evaluation.report import write_report
+def final_records(
+    res: Resolved,
+    cases: Mapping[str, Mapping[str, list[dict[str, Any]]]],
+    gens: Mapping[RecordKey, Mapping[str, Any]],
+    judged: Mapping[RecordKey, Mapping[str, Any]],
+) -> list[dict[str, Any]]:
+    """The rows of completions.jsonl, in plan, behaviour and test-case order: every test case
+    (`cases[attack][behaviour id]`) that has a completion and a judgement."""
+    out = []
+    for plan in res.plans:
+        for b in res.behaviors:
+            for rec in cases[plan.name].get(b.id, []):
+                key = (plan.name, b.id, int(rec["index"]))
+                g, j = gens.get(key), judged.get(key)
+                if g is None or j is None:
+                    continue
+                row = {
+                    "behavior_id": b.id,
+                    "attack": plan.name,
+                    "index": key[2],
+                    "test_case": rec["test_case"],
+                    "completion": g["completion"],
+                    "judge": j["judge"],
+                    "label": j["label"],
+                }
+                if "judge_input" in g:
+                    row["judge_input"] = g["judge_input"]
+                if rec.get("meta"):
+                    row["attack_meta"] = rec["meta"]
+                if j.get("meta"):
+                    row["judge_meta"] = j["meta"]
+                out.append(row)
+    return out
 
-        result = None
-        title = self.cfg.title or f"Robustness report: {Path(self.cfg.model).name}"
-        if self.res.plans:
-            rows = self.final_records()
-            write_jsonl_atomic(self.out / "completions.jsonl", rows)
-            result = compute_alo_asr(
-                rows,
-                behaviors=self.res.behaviors,
-                attacks=[p.name for p in self.res.plans],
-                judge=self.res.judge_name,
-                n_bootstrap=int(self.cfg.n_bootstrap),
-                seed=int(self.cfg.seed),
-            )
-            write_json_atomic(self.out / "alo_asr.json", result)
-            write_report(result, self.out, utility=utility, title=title)
-        elif utility:
-            write_utility_report(self.out / "report.md", utility, title)
-        if utility:
-            write_json_atomic(self.out / "utility.json", utility)
-        return result
 
-    # -- utility
-    def utility(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.cfg.xstest:
-            out["xstest"] = self._xstest()
-        if self.cfg.mc:
-            from mixat_jax.evaluation.utility import load_multiple_choice, score_multiple_choice
-
-            c = self.cfg
-            items = load_multiple_choice(
-                c.mc,
-                split=c.mc_split,
-                dataset_config=c.mc_config or None,
-                limit=int(c.mc_limit) or None,
-            )
-            self.log(f"multiple choice: scoring {len(items)} questions from {c.mc}")
-            res = score_multiple_choice(self.pool.target.loglik, items)
-            out["mc"] = {"source": c.mc, **res}
-        return out
-
-    def _xstest(self) -> dict[str, Any]:
-        from mixat_jax.evaluation.behaviors import XSTestPrompts, load_xstest
-        from mixat_jax.evaluation.utility import score_xstest
-        from mixat_jax.judges import RefusalJudge
-
-        c = self.cfg
-        prompts = load_xstest(c.xstest)
-        if int(c.xstest_limit):
-            n = int(c.xstest_limit)
-            prompts = XSTestPrompts(safe=prompts.safe[:n], unsafe=prompts.unsafe[:n])
-        items = list(prompts.safe) + list(prompts.unsafe)
-        tokens = int(c.xstest_max_new_tokens) or int(c.max_new_tokens)
-        gfp = fingerprint(
-            {"target": self._model_id(TARGET_ALIAS), "sp": c.system_prompt, "tokens": tokens}
+def write_outputs(
+    res: Resolved, rows: list[dict[str, Any]], utility: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    """completions.jsonl, alo_asr.json, report.md, alo_asr.png (runs with attacks) and
+    utility.json; returns the ALO-ASR result (None without attacks)."""
+    cfg, out = res.cfg, res.workdir
+    result = None
+    title = cfg.title or f"Robustness report: {Path(cfg.model).name}"
+    if res.plans:
+        write_jsonl_atomic(out / "completions.jsonl", rows)
+        result = compute_alo_asr(
+            rows,
+            behaviors=res.behaviors,
+            attacks=[p.name for p in res.plans],
+            judge=res.judge_name,
+            n_bootstrap=int(cfg.n_bootstrap),
+            seed=int(cfg.seed),
         )
-        store = JsonlStore(self.out / "cache" / "xstest.jsonl")
-        cached = store.latest(
-            key=lambda r: (r["id"],),
-            accept=lambda r: r.get("gen_fp") == gfp,
-        )
-        completions = {
-            p.id: cached[(p.id,)]["completion"]
-            for p in items
-            if (p.id,) in cached and cached[(p.id,)].get("prompt_hash") == text_hash(p.prompt)
-        }
-        todo = [p for p in items if p.id not in completions]
-        progress = _Progress(
-            "xstest", "completions", "prompt", len(items), self.stream, len(completions)
-        )
-        step = int(c.gen_batch_size)
-        for start in range(0, len(todo), step):
-            batch = todo[start : start + step]
-            texts = self.pool.target.generate(
-                [p.prompt for p in batch], max_new_tokens=tokens, temperature=0.0
-            )
-            self.stats["generated"] += len(batch)
-            store.append(
-                [
-                    {"id": p.id, "prompt_hash": text_hash(p.prompt), "completion": t, "gen_fp": gfp}
-                    for p, t in zip(batch, texts, strict=True)
-                ]
-            )
-            completions.update({p.id: t for p, t in zip(batch, texts, strict=True)})
-            progress.update(len(completions))
-            self._tick("xstest", len(batch))
-        # Compliance judge: label 1 = answered (no refusal substring), 0 = refused.
-        return score_xstest(prompts, completions, RefusalJudge(name="refusal_compliance"))
+        write_json_atomic(out / "alo_asr.json", result)
+        write_report(result, out, utility=utility, title=title)
+    elif utility:
+        write_utility_report(out / "report.md", utility, title)
+    if utility:
+        write_json_atomic(out / "utility.json", utility)
+    return result
 
 
 def _flat(prefix: str, value: Any) -> list[tuple[str, Any]]:

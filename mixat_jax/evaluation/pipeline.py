@@ -5,8 +5,8 @@ suite, greedy completions with the chat template, judging, per-attack ASR and AL
 multiple-choice utility) and DAT's (dat.md §4, §6: past tense, translation, StrongREJECT judge),
 as resumable stages in one work directory:
 
-1. behaviours (HarmBench / JailbreakBench / StrongREJECT / AdvBench CSVs, a `datasets` id, or a
-   small built-in list), subset preset and limit;
+1. behaviours (`mixat_jax.behaviors`: HarmBench / JailbreakBench / StrongREJECT / AdvBench
+   CSVs, a `datasets` id, or a small built-in list), subset preset and limit;
 2. test cases per attack (`suite.py`), cached in `OUT/test_cases.jsonl`;
 3. completions from the target model (batched JAX generation, greedy unless an attack block
    sets `gen_temperature`), cached in `OUT/cache/generations.jsonl`;
@@ -15,7 +15,8 @@ as resumable stages in one work directory:
    `OUT/alo_asr.json`, `OUT/report.md`, `OUT/alo_asr.png`, optional `OUT/utility.json`.
 
 Every check of user input (files, attack blocks, judge model, helper models) runs in `resolve`
-before any model is loaded or any attack runs. Deliberate choices over the reference
+(`run_config.py`) before any model is loaded or any attack runs; `Evaluation` (`stages.py`) runs
+the stages, `outputs.py` writes the files. Deliberate choices over the reference
 (spec §11.21): missing (attack, behaviour) pairs are listed, never silently skipped; all
 HumanJailbreaks templates are used; the judge is recorded in every output record.
 """
@@ -28,20 +29,18 @@ from typing import Any, TextIO
 import ml_collections
 
 from mixat_jax.evaluation.models import ModelPool, build_judge
-from mixat_jax.evaluation.outputs import write_utility_report
+from mixat_jax.evaluation.outputs import run_manifest, write_utility_report
+from mixat_jax.evaluation.progress import ENV_INTERRUPT, SimulatedInterrupt
 from mixat_jax.evaluation.run_config import (
     BUILTIN_BEHAVIORS,
-    ENV_INTERRUPT,
     JUDGES,
     MODEL_JUDGES,
     TARGET_ALIAS,
     Resolved,
-    SimulatedInterrupt,
     base_config,
     default_target,
     judge_name,
     resolve,
-    run_manifest,
 )
 from mixat_jax.evaluation.stages import Evaluation
 

@@ -114,7 +114,7 @@ def render_markdown(
 
 def plot_heatmap(result: Mapping[str, Any], path: str | Path, *, max_label: int = 40) -> Path:
     """Write the behaviour × attack success heatmap (+ ALO column) to `path` (PNG)."""
-    import matplotlib
+    import matplotlib  # lazy: the Agg backend must be chosen before pyplot is imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

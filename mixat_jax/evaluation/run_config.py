@@ -1,20 +1,20 @@
-"""Evaluation configuration: defaults (`base_config`) and validation (`resolve` -> `Resolved`).
+"""Evaluation configuration (spec mixat.md §8, dat.md §4): defaults (`base_config`) and
+validation (`resolve` -> `Resolved`).
 
-Every check of user input (files, attack blocks, judge model, helper models) runs in `resolve`
-before any model is loaded or any attack runs; also the built-in behaviours, the constants
-shared by the stages, the test hook's `SimulatedInterrupt`, and `run_manifest` (config.json).
+Every check of user input (files, attack blocks, judge model, helper and diffusion models) runs
+in `resolve` before any model is loaded or any attack runs: a config.json is read, no weights.
+Also the built-in behaviours and the names of the judges. Nothing here runs an evaluation.
 """
 
 from __future__ import annotations
 
-import time
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import ml_collections
 
-from mixat_jax.evaluation.behaviors import SUBSET_PRESETS, Behavior, load_behaviors
+from mixat_jax.behaviors import SUBSET_PRESETS, Behavior, load_behaviors
 from mixat_jax.evaluation.cache import fingerprint
 from mixat_jax.evaluation.suite import (
     ALL_HELPER_ROLES,
@@ -24,12 +24,11 @@ from mixat_jax.evaluation.suite import (
     parse_attack_names,
     plan_attack,
 )
-
-if TYPE_CHECKING:
-    from mixat_jax.evaluation.stages import Evaluation
+from mixat_jax.judges import RefusalJudge
+from mixat_jax.models.config import ModelConfig
+from mixat_jax.models.diffusion_config import require_diffusion
 
 TARGET_ALIAS = "@target"
-ENV_INTERRUPT = "MIXAT_EVAL_INTERRUPT_AFTER"
 JUDGES = ("refusal", "keyword", "harmbench", "strongreject")
 MODEL_JUDGES = ("harmbench", "strongreject")
 
@@ -87,6 +86,8 @@ def base_config() -> ml_collections.ConfigDict:
     for role in ALL_HELPER_ROLES:
         setattr(c, f"{role}_model", "")
     c.helper_dtype = ""
+    # Masked-diffusion LM (LLaDA / Dream) of the Inpainting attack; never the target.
+    c.diffusion_model = ""
     # Generation (paper protocol: greedy, 512 new tokens, chat template).
     c.max_new_tokens = 512
     c.gen_batch_size = 8
@@ -111,10 +112,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.n_bootstrap = 1000
     c.title = ""
     return c
-
-
-class SimulatedInterrupt(RuntimeError):
-    """Raised by the test hook (`MIXAT_EVAL_INTERRUPT_AFTER=stage:k`) after k finished units."""
 
 
 # ----------------------------------------------------------------------------- resolution
@@ -182,18 +179,17 @@ def _load_behaviors(cfg: ml_collections.ConfigDict) -> list[Behavior]:
 def judge_name(cfg: ml_collections.ConfigDict) -> str:
     """The recorded judge name (model judges include their checkpoint's directory name)."""
     if cfg.judge == "refusal":
-        from mixat_jax.judges import RefusalJudge
-
         return RefusalJudge().name
     if cfg.judge == "keyword":
-        return f"keyword[{','.join(_markers(cfg))}]"
+        return f"keyword[{','.join(judge_markers(cfg))}]"
     model = "target" if cfg.judge_model == TARGET_ALIAS else Path(cfg.judge_model).name
     if cfg.judge == "harmbench":
         return f"harmbench_cls[{model}]"
     return f"strongreject[threshold={float(cfg.judge_threshold)},{model}]"
 
 
-def _markers(cfg: ml_collections.ConfigDict) -> list[str]:
+def judge_markers(cfg: ml_collections.ConfigDict) -> list[str]:
+    """The keyword judge's marker strings (`judge_markers`, comma-separated)."""
     return [m.strip() for m in str(cfg.judge_markers).split(",") if m.strip()]
 
 
@@ -212,8 +208,24 @@ def _check_judge(cfg: ml_collections.ConfigDict) -> None:
             )
         if cfg.judge_model != TARGET_ALIAS:
             _check_model_dir(cfg.judge_model, f"judge model ({cfg.judge})")
-    if cfg.judge == "keyword" and not _markers(cfg):
+    if cfg.judge == "keyword" and not judge_markers(cfg):
         raise ValueError("judge 'keyword' needs --config.judge_markers='marker1,marker2'")
+
+
+def _check_diffusion_model(cfg: ml_collections.ConfigDict, attack: str) -> None:
+    """`config.diffusion_model` is a masked-diffusion checkpoint (its config.json is read)."""
+    path = str(cfg.diffusion_model)
+    if not path:
+        raise ValueError(
+            f"attack {attack!r} needs a masked-diffusion model: set --config.diffusion_model=DIR "
+            "(a LLaDA or Dream checkpoint)"
+        )
+    _check_model_dir(path, "diffusion model")
+    try:
+        hf = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"diffusion model {path}: unreadable config.json ({e})") from e
+    require_diffusion(ModelConfig.from_hf(hf), f"diffusion model {path}")
 
 
 def resolve(cfg: ml_collections.ConfigDict, workdir: str | Path) -> Resolved:
@@ -257,6 +269,9 @@ def resolve(cfg: ml_collections.ConfigDict, workdir: str | Path) -> Resolved:
             if path != TARGET_ALIAS:
                 _check_model_dir(path, f"{role} model")
             helper_paths[role] = path
+    diffusion = [p.name for p in plans if p.spec.diffusion]
+    if diffusion:
+        _check_diffusion_model(cfg, diffusion[0])
     if cfg.xstest and not Path(cfg.xstest).is_file():
         raise ValueError(f"XSTest file not found: {cfg.xstest}; pass xstest_v2_prompts.csv")
     behaviors = _load_behaviors(cfg) if plans else []
@@ -273,33 +288,3 @@ def resolve(cfg: ml_collections.ConfigDict, workdir: str | Path) -> Resolved:
         helper_paths=helper_paths,
         targets_defaulted=defaulted,
     )
-
-
-def run_manifest(res: Resolved, ev: Evaluation | None = None) -> dict[str, Any]:
-    """The content of OUT/config.json: the config plus what it resolved to."""
-    import importlib.metadata as md
-
-    versions = {}
-    for pkg in ("jax", "flax", "transformers"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    return {
-        "config": res.cfg.to_dict(),
-        "judge": res.judge_name,
-        "behaviors": {"n": len(res.behaviors), "ids": [b.id for b in res.behaviors]},
-        "targets_defaulted": res.targets_defaulted,
-        "attacks": [
-            {
-                "name": p.name,
-                "kind": p.kind,
-                "block": p.block,
-                "fingerprint": ev.attack_fp(p) if ev else None,
-            }
-            for p in res.plans
-        ],
-        "helpers": res.helper_paths,
-        "versions": versions,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }

@@ -1,6 +1,6 @@
-"""The resumable stages of an evaluation run (`Evaluation`): test cases per attack, completions
-from the target, judgements (stages 2-4, cached under the work directory), then the outputs
-(`outputs.EvaluationOutputs`) and the whole run.
+"""The resumable stages of an evaluation run (`Evaluation`, spec mixat.md §8.1 pipeline, §8.2):
+test cases per attack, completions from the target, judgements (stages 2-4, cached under the
+work directory), the utility checks (XSTest, multiple choice), then the outputs (`outputs.py`).
 """
 
 from __future__ import annotations
@@ -9,35 +9,38 @@ import json
 import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, TextIO
 
-from mixat_jax.attacks.llm_interface import call_seed
-from mixat_jax.evaluation.behaviors import Behavior
+from mixat_jax.attacks.llm_interface import TestCase, call_seed
+from mixat_jax.behaviors import Behavior, XSTestPrompts, load_xstest
 from mixat_jax.evaluation.cache import (
     JsonlStore,
     complete_groups,
-    fingerprint,
     new_group_token,
     text_hash,
     write_json_atomic,
 )
-from mixat_jax.evaluation.models import ModelPool, _SuiteContext, build_judge
-from mixat_jax.evaluation.outputs import EvaluationOutputs
-from mixat_jax.evaluation.progress import _parse_interrupt, _Progress
-from mixat_jax.evaluation.run_config import (
-    ENV_INTERRUPT,
-    TARGET_ALIAS,
-    Resolved,
-    SimulatedInterrupt,
-    run_manifest,
+from mixat_jax.evaluation.fingerprints import (
+    attack_fingerprint,
+    generation_fingerprint,
+    xstest_fingerprint,
 )
-from mixat_jax.evaluation.suite import AttackPlan, build_attack
+from mixat_jax.evaluation.models import ModelPool, build_judge
+from mixat_jax.evaluation.outputs import final_records, run_manifest, write_outputs
+from mixat_jax.evaluation.progress import ENV_INTERRUPT, InterruptHook, Progress
+from mixat_jax.evaluation.run_config import Resolved
+from mixat_jax.evaluation.suite import AttackPlan, as_test_cases, build_attack
+from mixat_jax.evaluation.utility import (
+    load_multiple_choice,
+    score_multiple_choice,
+    score_xstest,
+)
+from mixat_jax.judges import RefusalJudge
 
-# ----------------------------------------------------------------------------- the run
+RecordKey = tuple[str, str, int]  # (attack, behaviour id, test-case index)
 
 
-class Evaluation(EvaluationOutputs):
+class Evaluation:
     """Runs the stages of a resolved configuration in its work directory."""
 
     def __init__(
@@ -51,76 +54,23 @@ class Evaluation(EvaluationOutputs):
         self.res, self.cfg, self.out = res, res.cfg, res.workdir
         self.pool = ModelPool(res, target)
         self.stream = stream or sys.stderr
-        self.interrupt = _parse_interrupt(interrupt or os.environ.get(ENV_INTERRUPT))
-        self._ticks: dict[str, int] = {}
+        self.interrupt = InterruptHook(interrupt or os.environ.get(ENV_INTERRUPT))
         self.bfp = res.behavior_fps
         self.by_id = {b.id: b for b in res.behaviors}
         self.cases: dict[str, dict[str, list[dict[str, Any]]]] = {}
-        self.gens: dict[tuple[str, str, int], dict[str, Any]] = {}
-        self.judged: dict[tuple[str, str, int], dict[str, Any]] = {}
+        self.gens: dict[RecordKey, dict[str, Any]] = {}
+        self.judged: dict[RecordKey, dict[str, Any]] = {}
         self.stats: dict[str, int] = {"generated": 0, "judged": 0, "attack_calls": 0}
-        self.ctx = _SuiteContext(
-            self.pool, int(self.cfg.max_new_tokens), int(self.cfg.gen_batch_size),
-            self.cfg.system_prompt or None,
-        )  # fmt: skip
-        self._adapters: dict[str, Any] = {}
+        self._attacks: dict[str, Any] = {}
 
     # -- helpers
     def log(self, msg: str) -> None:
         print(f"[evaluate] {msg}", file=self.stream, flush=True)
 
-    def _tick(self, stage: str, n: int) -> None:
-        self._ticks[stage] = self._ticks.get(stage, 0) + n
-        if (
-            self.interrupt
-            and self.interrupt[0] == stage
-            and self._ticks[stage] >= self.interrupt[1]
-        ):
-            raise SimulatedInterrupt(f"simulated interrupt after {self._ticks[stage]} {stage}")
-
-    def _adapter(self, plan: AttackPlan) -> Any:
-        if plan.name not in self._adapters:
-            self._adapters[plan.name] = build_attack(plan, self.ctx)
-        return self._adapters[plan.name]
-
-    def attack_fp(self, plan: AttackPlan) -> str:
-        c = self.cfg
-        block = {k: v for k, v in plan.block.items() if k not in ("gen_temperature", "gen_top_p")}
-        payload: dict[str, Any] = {
-            "kind": plan.kind,
-            "block": block,
-            "seed": int(c.seed),
-            "helpers": {r: self._model_id(self.res.helper_paths[r]) for r in plan.helpers},
-        }
-        if plan.target_dependent:
-            payload["target"] = self._model_id(TARGET_ALIAS)
-            payload["system_prompt"] = c.system_prompt
-        if plan.white_box_completions:
-            payload["max_new_tokens"] = int(c.max_new_tokens)
-        return fingerprint(payload)
-
-    def gen_fp(self, plan: AttackPlan) -> str:
-        c = self.cfg
-        payload: dict[str, Any] = {
-            "target": self._model_id(TARGET_ALIAS),
-            "system_prompt": c.system_prompt,
-            "max_new_tokens": int(c.max_new_tokens),
-            "temperature": float(plan.settings.get("gen_temperature", 0.0)),
-            "top_p": float(plan.settings.get("gen_top_p", 1.0)),
-        }
-        if plan.kind == "Translation":
-            payload["back_translate"] = [
-                bool(plan.settings.get("back_translate", True)),
-                int(plan.settings.get("back_translate_max_new_tokens", 0)),
-                self._model_id(self.res.helper_paths["translator"]),
-            ]
-        return fingerprint(payload)
-
-    def _model_id(self, path: str) -> list[str]:
-        if path == TARGET_ALIAS:
-            c = self.cfg
-            return [str(Path(c.model).resolve()), str(c.adapter), str(c.dtype)]
-        return [str(Path(path).resolve()), str(self.cfg.helper_dtype)]
+    def _attack(self, plan: AttackPlan) -> Any:
+        if plan.name not in self._attacks:
+            self._attacks[plan.name] = build_attack(plan, self.pool)
+        return self._attacks[plan.name]
 
     # -- stage 2: test cases
     def test_cases(self) -> None:
@@ -128,7 +78,7 @@ class Evaluation(EvaluationOutputs):
         records = store.read()
         chunk_default = int(self.cfg.behavior_chunk)
         for plan in self.res.plans:
-            afp = self.attack_fp(plan)
+            afp = attack_fingerprint(self.res, plan)
 
             def accept(r: dict[str, Any], name: str = plan.name, afp: str = afp) -> bool:
                 return (
@@ -145,18 +95,18 @@ class Evaluation(EvaluationOutputs):
             if not todo:
                 self.log(f"test cases {plan.name}: all {n_all} behaviours cached")
                 continue
-            progress = _Progress(
+            progress = Progress(
                 "test cases", plan.name, "behaviour", n_all, self.stream, done0=len(done)
             )
             if done:
                 self.log(f"test cases {plan.name}: {len(done)}/{n_all} behaviours cached")
-            adapter = self._adapter(plan)
+            attack = self._attack(plan)
             size = plan.chunk_size or chunk_default
-            n_samples = int(plan.settings.get("n_samples", 1))
+            n_samples = int(plan.settings["n_samples"])
             for start in range(0, len(todo), size):
                 part = todo[start : start + size]
                 seed = call_seed(int(self.cfg.seed), plan.name, part[0].id)
-                result = adapter.generate(part, seed=seed)
+                result = as_test_cases(attack.generate_test_cases(part, seed=seed))
                 self.stats["attack_calls"] += 1
                 new: list[dict[str, Any]] = []
                 for b in part:
@@ -168,10 +118,10 @@ class Evaluation(EvaluationOutputs):
                         r for r in new if r["behavior_id"] == b.id and r["index"] >= 0
                     ]
                 progress.update(len(self.cases[plan.name]))
-                self._tick("test_cases", len(part))
+                self.interrupt.tick("test_cases", len(part))
 
     def _case_records(
-        self, attack: str, afp: str, b: Behavior, cases: list[Any], n_samples: int
+        self, attack: str, afp: str, b: Behavior, cases: list[TestCase], n_samples: int
     ) -> list[dict[str, Any]]:
         group = new_group_token()
         base = {
@@ -199,7 +149,7 @@ class Evaluation(EvaluationOutputs):
         store = JsonlStore(self.out / "cache" / "generations.jsonl")
         records = store.read()
         for plan in self.res.plans:
-            gfp = self.gen_fp(plan)
+            gfp = generation_fingerprint(self.res, plan)
             cached = {
                 (r["attack"], r["behavior_id"], int(r["index"])): r
                 for r in records
@@ -231,12 +181,11 @@ class Evaluation(EvaluationOutputs):
     ) -> None:
         c = self.cfg
         done = total - len(pending)
-        progress = _Progress("completions", plan.name, "test case", total, self.stream, done)
+        progress = Progress("completions", plan.name, "test case", total, self.stream, done)
         pending = sorted(pending, key=lambda r: len(r["test_case"]))
         step = int(c.gen_batch_size)
-        needs_adapter = plan.kind == "Translation"
-        temperature = float(plan.settings.get("gen_temperature", 0.0))
-        top_p = float(plan.settings.get("gen_top_p", 1.0))
+        temperature = float(plan.settings["gen_temperature"])
+        top_p = float(plan.settings["gen_top_p"])
         for start in range(0, len(pending), step):
             batch = pending[start : start + step]
             if plan.white_box_completions:
@@ -254,7 +203,7 @@ class Evaluation(EvaluationOutputs):
                     seed=seed,
                 )
                 self.stats["generated"] += len(batch)
-            judge_in = self._adapter(plan).judge_inputs(texts) if needs_adapter else texts
+            judge_in = self._attack(plan).judge_inputs(texts) if plan.spec.judge_inputs else texts
             new = []
             for r, text, j_in in zip(batch, texts, judge_in, strict=True):
                 rec = {
@@ -272,7 +221,7 @@ class Evaluation(EvaluationOutputs):
             store.append(new)
             done += len(batch)
             progress.update(done)
-            self._tick("completions", len(batch))
+            self.interrupt.tick("completions", len(batch))
         empty = sum(
             1 for k, g in self.gens.items() if k[0] == plan.name and not g["completion"].strip()
         )
@@ -307,7 +256,7 @@ class Evaluation(EvaluationOutputs):
             return
         judge = build_judge(self.res, self.pool)
         done = len(self.gens) - len(pending)
-        progress = _Progress("judge", name, "completion", len(self.gens), self.stream, done)
+        progress = Progress("judge", name, "completion", len(self.gens), self.stream, done)
         step = max(1, int(self.cfg.judge_batch_size)) * 4
         for start in range(0, len(pending), step):
             batch = pending[start : start + step]
@@ -330,12 +279,73 @@ class Evaluation(EvaluationOutputs):
             self.stats["judged"] += len(batch)
             done += len(batch)
             progress.update(done)
-            self._tick("judgements", len(batch))
+            self.interrupt.tick("judgements", len(batch))
+
+    # -- utility
+    def utility(self) -> dict[str, Any]:
+        """XSTest compliance / refusal and multiple-choice accuracy (those configured)."""
+        out: dict[str, Any] = {}
+        if self.cfg.xstest:
+            out["xstest"] = self._xstest()
+        if self.cfg.mc:
+            c = self.cfg
+            items = load_multiple_choice(
+                c.mc,
+                split=c.mc_split,
+                dataset_config=c.mc_config or None,
+                limit=int(c.mc_limit) or None,
+            )
+            self.log(f"multiple choice: scoring {len(items)} questions from {c.mc}")
+            res = score_multiple_choice(self.pool.target.loglik, items)
+            out["mc"] = {"source": c.mc, **res}
+        return out
+
+    def _xstest(self) -> dict[str, Any]:
+        c = self.cfg
+        prompts = load_xstest(c.xstest)
+        if int(c.xstest_limit):
+            n = int(c.xstest_limit)
+            prompts = XSTestPrompts(safe=prompts.safe[:n], unsafe=prompts.unsafe[:n])
+        items = list(prompts.safe) + list(prompts.unsafe)
+        tokens = int(c.xstest_max_new_tokens) or int(c.max_new_tokens)
+        gfp = xstest_fingerprint(self.res, tokens)
+        store = JsonlStore(self.out / "cache" / "xstest.jsonl")
+        cached = store.latest(
+            key=lambda r: (r["id"],),
+            accept=lambda r: r.get("gen_fp") == gfp,
+        )
+        completions = {
+            p.id: cached[(p.id,)]["completion"]
+            for p in items
+            if (p.id,) in cached and cached[(p.id,)].get("prompt_hash") == text_hash(p.prompt)
+        }
+        todo = [p for p in items if p.id not in completions]
+        progress = Progress(
+            "xstest", "completions", "prompt", len(items), self.stream, len(completions)
+        )
+        step = int(c.gen_batch_size)
+        for start in range(0, len(todo), step):
+            batch = todo[start : start + step]
+            texts = self.pool.target.generate(
+                [p.prompt for p in batch], max_new_tokens=tokens, temperature=0.0
+            )
+            self.stats["generated"] += len(batch)
+            store.append(
+                [
+                    {"id": p.id, "prompt_hash": text_hash(p.prompt), "completion": t, "gen_fp": gfp}
+                    for p, t in zip(batch, texts, strict=True)
+                ]
+            )
+            completions.update({p.id: t for p, t in zip(batch, texts, strict=True)})
+            progress.update(len(completions))
+            self.interrupt.tick("xstest", len(batch))
+        # Compliance judge: label 1 = answered (no refusal substring), 0 = refused.
+        return score_xstest(prompts, completions, RefusalJudge(name="refusal_compliance"))
 
     # -- everything
     def run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.out / "config.json", run_manifest(self.res, self))
+        write_json_atomic(self.out / "config.json", run_manifest(self.res))
         if self.res.targets_defaulted:
             self.log(
                 f"warning: {len(self.res.targets_defaulted)} behaviours have no target string; "
@@ -347,13 +357,14 @@ class Evaluation(EvaluationOutputs):
                 f"({', '.join(p.name for p in self.res.plans)}); judge {self.res.judge_name}"
             )
         self.test_cases()
-        keep = ["translator"] if any(p.kind == "Translation" for p in self.res.plans) else []
+        keep = [r for p in self.res.plans if p.spec.judge_inputs for r in p.helpers]
         self.pool.release(keep)
         self.completions()
         self.pool.release()
         self.judge()
         utility = self.utility()
-        result = self.write_outputs(utility or None)
+        rows = final_records(self.res, self.cases, self.gens, self.judged)
+        result = write_outputs(self.res, rows, utility or None)
         if result is not None:
             asr = ", ".join(f"{a} {_pct(result['asr'][a])}" for a in result["attacks"])
             self.log(f"ALO-ASR {_pct(result['alo_asr'])} ({asr}); judge {result['judge']}")

@@ -1,55 +1,58 @@
-"""Attack registry for the evaluation suite: attack name → adapter built from a config block.
+"""Attack registry of the evaluation suite: attack kind → (config class, factory) and its plan.
 
 Implements the attack list of the MixAT robustness protocol (spec mixat.md §8.1: DirectRequest,
 PAP, TAP, PAIR, AutoDAN, GCG, HumanJailbreaks) and of DAT's (dat.md §4, §6: past tense,
-translation, GCG, PAIR, direct), plus the white-box continuous embedding attack (mixat.md §5)
-as an evaluation attack. Each entry of `config.attack` is a block `{kind: <registered kind>,
-<settings>}`; the settings are the fields of the attack's config dataclass (`PAPConfig`,
-`PAIRConfig`, `TAPConfig`, `AutoDANConfig`, `GCGConfig` via a preset, `PastTenseConfig`,
-`TranslationConfig`, `ContinuousAttackConfig`) plus a few adapter settings listed in
-`ADAPTER_KEYS`. `plan_attack` validates a block without touching any model (so a typo fails
-before any attack runs); `build_attack` turns a plan into an adapter whose
-`generate(behaviors, seed=...)` returns `TestCase`s per behaviour id.
+translation, GCG, PAIR, direct, BoN, inpainting), plus the white-box continuous embedding attack
+(mixat.md §5) as an evaluation attack. Each entry of `config.attack` is a block
+`{kind: <registered kind>, <settings>}`; the settings are the fields of the kind's config
+dataclass (`REGISTRY[kind].config`, starting from the protocol's values `REGISTRY[kind].base`;
+written and read by `config_types`, unset = placeholder), the kind's evaluation-only `extras` and
+the completion settings of `GENERATION_KEYS`.
 
-Helper LLMs (attacker, scorer, mutator, rewriter, reformulator, translator) are local models
-obtained from `SuiteContext.helper(role)`; the target model is `SuiteContext.target`.
+`plan_attack` validates a block without touching any model (so a typo fails before any attack
+runs); `build_attack` calls the kind's factory, which returns the attack object itself: its
+`generate_test_cases(behaviors, *, seed) -> {behaviour id: [TestCase or str]}` gives the test
+cases (`as_test_cases` turns a `str` into a `TestCase`), and an attack whose spec says
+`judge_inputs` also maps completions before judging (`judge_inputs(completions)`).
+
+Helper LLMs (attacker, scorer, mutator, rewriter, reformulator, translator) and the diffusion
+model are local models obtained from the `SuiteContext` (`helper(role)`, `diffusion_model()`);
+the target model is `SuiteContext.target`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
-import types
-import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from mixat_jax.attacks.direct import behavior_with_context, with_context
+from ml_collections import config_dict
 
-ATTACK_KINDS: tuple[str, ...] = (
-    "DirectRequest",
-    "HumanJailbreaks",
-    "PAP",
-    "GCG",
-    "PAIR",
-    "TAP",
-    "AutoDAN",
-    "PastTense",
-    "Translation",
-    "Continuous",
-    "BoN",
+from mixat_jax import config_types
+from mixat_jax.attacks.autodan import AutoDAN, AutoDANConfig
+from mixat_jax.attacks.bon import BoN, BoNConfig
+from mixat_jax.attacks.continuous import ContinuousAttackConfig
+from mixat_jax.attacks.direct import DirectRequest
+from mixat_jax.attacks.gcg_presets import GCGConfig, preset
+from mixat_jax.attacks.inpainting import Inpainting, InpaintingConfig
+from mixat_jax.attacks.llm_interface import TestCase
+from mixat_jax.attacks.pair import PAIR, GeneratorJudge, JudgeConfig, PAIRConfig
+from mixat_jax.attacks.pap import PAP, PAPConfig
+from mixat_jax.attacks.rewrites import (
+    PastTenseAttack,
+    PastTenseConfig,
+    TranslationAttack,
+    TranslationConfig,
 )
+from mixat_jax.attacks.tap import TAP, TAPConfig
+from mixat_jax.attacks.templates import HumanJailbreaks, HumanJailbreaksConfig, builtin_templates
+from mixat_jax.evaluation.white_box import GCG_TEST_CASES, ContinuousAttack, GCGAttack, TargetCE
 
-# Helper-model roles per kind; role r is loaded from config field `<r>_model`.
-HELPER_ROLES: dict[str, tuple[str, ...]] = {
-    "PAP": ("rewriter",),
-    "PAIR": ("attacker", "scorer"),
-    "TAP": ("attacker", "scorer"),
-    "AutoDAN": ("mutator",),
-    "PastTense": ("reformulator",),
-    "Translation": ("translator",),
-}
+# Completion settings any block may set: sampling instead of greedy decoding, and several
+# samples per test case (sampling-aware evaluation, dat.md §4.1 "1000 Direct").
+GENERATION_KEYS: dict[str, Any] = {"gen_temperature": 0.0, "gen_top_p": 1.0, "n_samples": 1}
+
 ALL_HELPER_ROLES: tuple[str, ...] = (
     "attacker",
     "scorer",
@@ -59,63 +62,67 @@ ALL_HELPER_ROLES: tuple[str, ...] = (
     "translator",
 )
 
-# Settings handled by the adapter rather than the attack's config dataclass.
-ADAPTER_KEYS: dict[str, tuple[str, ...]] = {
-    "HumanJailbreaks": ("num_templates",),
-    "PAIR": ("scorer_max_new_tokens",),
-    "TAP": ("scorer_max_new_tokens",),
-    "AutoDAN": ("num_templates", "fitness_batch_size"),
-    "GCG": ("preset", "test_case", "behaviors_per_run"),
-    "Translation": ("back_translate", "back_translate_max_new_tokens"),
-}
-
-# Completion settings any block may set: sampling instead of greedy decoding, and several
-# samples per test case (sampling-aware evaluation, dat.md §4.1 "1000 Direct").
-GENERATION_KEYS: dict[str, Any] = {"gen_temperature": 0.0, "gen_top_p": 1.0, "n_samples": 1}
-
-# Kinds that run one behaviour at a time (a kill loses at most one behaviour's search).
-PER_BEHAVIOR_KINDS: frozenset[str] = frozenset({"GCG", "AutoDAN"})
-# Kinds whose test cases depend on the target model (adaptive / white-box).
-TARGET_DEPENDENT_KINDS: frozenset[str] = frozenset({"GCG", "PAIR", "TAP", "AutoDAN", "Continuous"})
-
-
-@dataclass(frozen=True)
-class TestCase:
-    """One test case. White-box attacks also return the completion they generated."""
-
-    __test__ = False  # not a pytest class
-
-    text: str
-    completion: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-class AttackAdapter(Protocol):
-    name: str
-    kind: str
-
-    def generate(self, behaviors: Sequence[Any], *, seed: int) -> dict[str, list[TestCase]]: ...
-
-    def judge_inputs(self, completions: list[str]) -> list[str]: ...
-
 
 class SuiteContext(Protocol):
-    """What adapters need from the pipeline: the target generator, helper generators by role,
-    the target model's generation length and batch size."""
+    """What attack factories need from the pipeline: the target generator, helper generators by
+    role, the diffusion model, the target model's generation length and batch size."""
 
     @property
     def target(self) -> Any: ...
 
     def helper(self, role: str) -> Any: ...
 
-    max_new_tokens: int
-    batch_size: int
-    system_prompt: str | None
+    def diffusion_model(self) -> tuple[Any, Any]: ...
+
+    @property
+    def max_new_tokens(self) -> int: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def system_prompt(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One registered attack kind.
+
+    `config`: the attack's config dataclass (None: the kind takes no settings); `factory(plan,
+    ctx)`: the attack object; `base(extras)`: the config the block's settings are applied to
+    (the evaluation protocol's values; default `config()`); `extras`: evaluation-only settings
+    and their defaults (`choices` restricts some); `helpers`: helper-model roles (config field
+    `<role>_model`); `per_behavior`: one behaviour per attack call (a kill loses at most one
+    behaviour's search); `target_dependent`: test cases depend on the target (adaptive /
+    white-box); `white_box_completions`: the attack generates the completions itself;
+    `judge_inputs`: the attack maps completions before judging; `preset_placeholders`: the
+    default block leaves every setting unset (None = the value of the block's preset);
+    `diffusion`: needs `--config.diffusion_model` (a masked-diffusion LM).
+    """
+
+    config: type | None
+    factory: Callable[[AttackPlan, SuiteContext], Any]
+    base: Callable[[Mapping[str, Any]], Any] | None = None
+    extras: Mapping[str, Any] = field(default_factory=dict)
+    choices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    helpers: tuple[str, ...] = ()
+    per_behavior: bool = False
+    target_dependent: bool = False
+    white_box_completions: bool = False
+    judge_inputs: bool = False
+    preset_placeholders: bool = False
+    diffusion: bool = False
+
+    def base_config(self, extras: Mapping[str, Any]) -> Any:
+        """The config a block's settings start from."""
+        assert self.config is not None
+        return self.base(extras) if self.base is not None else self.config()
 
 
 @dataclass(frozen=True)
 class AttackPlan:
-    """A validated attack block: `settings` holds the typed config objects and adapter keys."""
+    """A validated attack block: `settings` holds the typed config object (`cfg`), the extras
+    and the generation keys, all with their defaults filled in."""
 
     name: str
     kind: str
@@ -123,147 +130,183 @@ class AttackPlan:
     block: dict[str, Any]
 
     @property
+    def spec(self) -> AttackSpec:
+        return REGISTRY[self.kind]
+
+    @property
     def helpers(self) -> tuple[str, ...]:
-        return HELPER_ROLES.get(self.kind, ())
+        return self.spec.helpers
 
     @property
     def chunk_size(self) -> int | None:
-        """Behaviours per `generate` call (None = the pipeline's `behavior_chunk`)."""
-        if self.kind == "GCG":
-            return max(1, int(self.settings.get("behaviors_per_run", 1)))
-        return 1 if self.kind in PER_BEHAVIOR_KINDS else None
+        """Behaviours per attack call (None = the pipeline's `behavior_chunk`)."""
+        if "behaviors_per_run" in self.settings:
+            return max(1, int(self.settings["behaviors_per_run"]))
+        return 1 if self.spec.per_behavior else None
 
     @property
     def white_box_completions(self) -> bool:
-        return self.kind == "Continuous"
+        return self.spec.white_box_completions
 
     @property
     def target_dependent(self) -> bool:
-        return self.kind in TARGET_DEPENDENT_KINDS
+        return self.spec.target_dependent
+
+
+# ------------------------------------------------------------------------------ factories
+
+
+def _direct(plan: AttackPlan, ctx: SuiteContext) -> DirectRequest:
+    return DirectRequest()
+
+
+def _bon(plan: AttackPlan, ctx: SuiteContext) -> BoN:
+    return BoN(plan.settings["cfg"])
+
+
+def _human_jailbreaks(plan: AttackPlan, ctx: SuiteContext) -> HumanJailbreaks:
+    return HumanJailbreaks(plan.settings["cfg"])
+
+
+def _pap(plan: AttackPlan, ctx: SuiteContext) -> PAP:
+    return PAP(ctx.helper("rewriter"), plan.settings["cfg"])
+
+
+def _scorer(plan: AttackPlan, ctx: SuiteContext) -> GeneratorJudge:
+    tokens = int(plan.settings["scorer_max_new_tokens"])
+    jcfg = dataclasses.replace(JudgeConfig(), max_new_tokens=tokens) if tokens else JudgeConfig()
+    return GeneratorJudge(ctx.helper("scorer"), jcfg)
+
+
+def _pair(plan: AttackPlan, ctx: SuiteContext) -> PAIR:
+    scorer = _scorer(plan, ctx)
+    return PAIR(ctx.helper("attacker"), ctx.target, scorer, plan.settings["cfg"])
+
+
+def _tap(plan: AttackPlan, ctx: SuiteContext) -> TAP:
+    scorer = _scorer(plan, ctx)
+    return TAP(ctx.helper("attacker"), ctx.target, scorer, plan.settings["cfg"])
+
+
+def _autodan(plan: AttackPlan, ctx: SuiteContext) -> AutoDAN:
+    s = plan.settings
+    templates = builtin_templates()
+    if int(s["num_templates"]):
+        templates = templates[: int(s["num_templates"])]
+    fitness = TargetCE(ctx.target, batch_size=int(s["fitness_batch_size"]) or None)
+    return AutoDAN(ctx.helper("mutator"), fitness, s["cfg"], target=ctx.target, templates=templates)
+
+
+def _past_tense(plan: AttackPlan, ctx: SuiteContext) -> PastTenseAttack:
+    return PastTenseAttack(ctx.helper("reformulator"), plan.settings["cfg"])
+
+
+def _translation(plan: AttackPlan, ctx: SuiteContext) -> TranslationAttack:
+    """Responses are back-translated to English for the judge (dat.md §6.2) unless
+    `back_translate` is False; 0 back-translation tokens = the evaluation's max_new_tokens."""
+    s = plan.settings
+    tokens = int(s["back_translate_max_new_tokens"]) or ctx.max_new_tokens
+    back = tokens if bool(s["back_translate"]) else None
+    return TranslationAttack(ctx.helper("translator"), s["cfg"], back_translate_tokens=back)
+
+
+def _gcg(plan: AttackPlan, ctx: SuiteContext) -> GCGAttack:
+    cfg = plan.settings["cfg"]
+    if cfg.system_prompt is None and ctx.system_prompt:
+        cfg = dataclasses.replace(cfg, system_prompt=ctx.system_prompt)
+    return GCGAttack(ctx.target, cfg, test_case=str(plan.settings["test_case"]), label=plan.name)
+
+
+def _continuous(plan: AttackPlan, ctx: SuiteContext) -> ContinuousAttack:
+    return ContinuousAttack(
+        ctx.target,
+        plan.settings["cfg"],
+        max_new_tokens=ctx.max_new_tokens,
+        batch_size=ctx.batch_size,
+    )
+
+
+def _inpainting(plan: AttackPlan, ctx: SuiteContext) -> Inpainting:
+    model, tokenizer = ctx.diffusion_model()
+    return Inpainting(model, tokenizer, plan.settings["cfg"])
+
+
+# The registry, in the order of `default_blocks`. Protocol values that differ from a config
+# dataclass's own defaults live in `base` (here only): MixAT's TAP budgets (`mixat_eval`) and
+# the deterministic continuous attack (no LoRA dropout: the evaluated model is deterministic).
+REGISTRY: dict[str, AttackSpec] = {
+    "DirectRequest": AttackSpec(None, _direct),
+    "HumanJailbreaks": AttackSpec(HumanJailbreaksConfig, _human_jailbreaks),
+    "PAP": AttackSpec(PAPConfig, _pap, helpers=("rewriter",)),
+    "GCG": AttackSpec(
+        GCGConfig,
+        _gcg,
+        base=lambda extras: preset(str(extras["preset"])),
+        extras={"preset": "harmbench", "test_case": "final", "behaviors_per_run": 1},
+        choices={"test_case": GCG_TEST_CASES},
+        per_behavior=True,
+        target_dependent=True,
+        preset_placeholders=True,
+    ),
+    "PAIR": AttackSpec(
+        PAIRConfig,
+        _pair,
+        extras={"scorer_max_new_tokens": JudgeConfig.max_new_tokens},
+        helpers=("attacker", "scorer"),
+        target_dependent=True,
+    ),
+    "TAP": AttackSpec(
+        TAPConfig,
+        _tap,
+        base=lambda extras: TAPConfig.mixat_eval(),
+        extras={"scorer_max_new_tokens": JudgeConfig.max_new_tokens},
+        helpers=("attacker", "scorer"),
+        target_dependent=True,
+    ),
+    "AutoDAN": AttackSpec(
+        AutoDANConfig,
+        _autodan,
+        extras={"num_templates": 0, "fitness_batch_size": 0},
+        helpers=("mutator",),
+        per_behavior=True,
+        target_dependent=True,
+    ),
+    "PastTense": AttackSpec(PastTenseConfig, _past_tense, helpers=("reformulator",)),
+    "Translation": AttackSpec(
+        TranslationConfig,
+        _translation,
+        extras={"back_translate": True, "back_translate_max_new_tokens": 0},
+        helpers=("translator",),
+        judge_inputs=True,
+    ),
+    "Continuous": AttackSpec(
+        ContinuousAttackConfig,
+        _continuous,
+        base=lambda extras: ContinuousAttackConfig(dropout=False),
+        target_dependent=True,
+        white_box_completions=True,
+    ),
+    "BoN": AttackSpec(BoNConfig, _bon),
+    "Inpainting": AttackSpec(InpaintingConfig, _inpainting, diffusion=True),
+}
+
+ATTACK_KINDS: tuple[str, ...] = tuple(REGISTRY)
 
 
 # ------------------------------------------------------------------------------ parsing
 
 
-def _is_tuple_type(tp: Any) -> bool:
-    if isinstance(tp, str):
-        return tp.startswith("tuple")
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_is_tuple_type(a) for a in typing.get_args(tp))
-    return origin is tuple or tp is tuple
-
-
-def _coerce(value: Any, default: Any, annotation: Any) -> Any:
-    """Config values → dataclass field values: lists/comma strings to tuples, '' / -1 to None
-    for optional fields whose default is None."""
-    if _is_tuple_type(annotation) or isinstance(default, tuple):
-        if isinstance(value, str):
-            return tuple(v.strip() for v in value.split(",") if v.strip())
-        if isinstance(value, list | tuple):
-            return tuple(value)
-    return value
-
-
-def _dataclass_from_block(
-    cls: type, block: Mapping[str, Any], name: str, base: Any | None = None
-) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for key, value in block.items():
-        if key not in fields:
+def _config_from_block(cls: type, block: Mapping[str, Any], name: str, base: Any) -> Any:
+    """`base` with the block's settings (typed and checked by `config_types`)."""
+    valid = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+    for key in block:
+        if key not in valid:
             raise ValueError(
-                f"attack {name!r}: unknown setting {key!r}; valid settings: "
-                f"{', '.join(sorted(fields))}"
+                f"attack {name!r}: unknown setting {key!r}; valid settings: {', '.join(valid)}"
             )
-        f = fields[key]
-        default = f.default if f.default is not dataclasses.MISSING else None
-        kwargs[key] = _coerce(value, default, hints.get(key, f.type))
-    try:
-        if base is not None:
-            return dataclasses.replace(base, **kwargs)
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"attack {name!r}: {e}") from e
-
-
-def _split_block(name: str, kind: str, block: Mapping[str, Any]) -> tuple[dict, dict]:
-    own = set(ADAPTER_KEYS.get(kind, ()))
-    adapter = {k: v for k, v in block.items() if k in own}
-    rest = {k: v for k, v in block.items() if k not in own and k != "kind"}
-    return adapter, rest
-
-
-_CONFIG_CLASSES = {  # kind -> (module, config dataclass); imported lazily
-    "HumanJailbreaks": ("mixat_jax.attacks.templates", "HumanJailbreaksConfig"),
-    "PAP": ("mixat_jax.attacks.pap", "PAPConfig"),
-    "PAIR": ("mixat_jax.attacks.pair", "PAIRConfig"),
-    "TAP": ("mixat_jax.attacks.tap", "TAPConfig"),
-    "AutoDAN": ("mixat_jax.attacks.autodan", "AutoDANConfig"),
-    "PastTense": ("mixat_jax.attacks.rewrites", "PastTenseConfig"),
-    "Translation": ("mixat_jax.attacks.rewrites", "TranslationConfig"),
-    "Continuous": ("mixat_jax.attacks.continuous", "ContinuousAttackConfig"),
-    "BoN": ("mixat_jax.attacks.bon", "BoNConfig"),
-}
-
-
-def _config_class(kind: str) -> type | None:
-    spec = _CONFIG_CLASSES.get(kind)
-    if spec is None:
-        return None
-    import importlib
-
-    return getattr(importlib.import_module(spec[0]), spec[1])
-
-
-def plan_attack(name: str, block: Mapping[str, Any] | None) -> AttackPlan:
-    """Validate one attack block (no model is loaded). `block` may be None for a registered
-    kind used with its defaults."""
-    block = {k: v for k, v in dict(block or {}).items() if v is not None}
-    kind = str(block.get("kind", name))
-    if kind not in ATTACK_KINDS:
-        raise ValueError(
-            f"unknown attack {name!r} (kind {kind!r}); registered attacks: {', '.join(ATTACK_KINDS)}"
-        )
-    gen = {k: block.pop(k) for k in GENERATION_KEYS if k in block}
-    adapter, rest = _split_block(name, kind, block)
-    settings: dict[str, Any] = {**GENERATION_KEYS, **gen, **adapter}
-    if int(settings["n_samples"]) < 1 or float(settings["gen_temperature"]) < 0:
-        raise ValueError(f"attack {name!r}: need n_samples >= 1 and gen_temperature >= 0")
-    if kind == "Continuous" and (settings["n_samples"] != 1 or settings["gen_temperature"]):
-        raise ValueError(f"attack {name!r} decodes greedily itself; drop n_samples/gen_temperature")
-    if kind == "DirectRequest":
-        if rest:
-            raise ValueError(
-                f"attack {name!r}: unknown setting(s) {sorted(rest)} for DirectRequest"
-            )
-    elif kind == "GCG":
-        from mixat_jax.attacks.gcg_presets import GCGConfig, preset
-
-        preset_name = str(adapter.get("preset", "harmbench"))
-        base = preset(preset_name)
-        settings["cfg"] = _dataclass_from_block(GCGConfig, rest, name, base=base)
-        settings["preset"] = preset_name
-        if str(adapter.get("test_case", "final")) not in ("final", "best"):
-            raise ValueError(f"attack {name!r}: test_case must be 'final' or 'best'")
-    else:
-        cls = _config_class(kind)
-        assert cls is not None
-        if kind == "Continuous":
-            rest = {"dropout": False, **rest}  # evaluation: deterministic (no LoRA dropout)
-        elif kind == "TAP":
-            rest = {**PROTOCOL_OVERRIDES["TAP"], **rest}
-        settings["cfg"] = _dataclass_from_block(cls, rest, name)
-    for key in (
-        "num_templates",
-        "fitness_batch_size",
-        "scorer_max_new_tokens",
-        "behaviors_per_run",
-    ):
-        if key in settings and int(settings[key]) < 0:
-            raise ValueError(f"attack {name!r}: {key} must be >= 0, got {settings[key]}")
-    return AttackPlan(name=name, kind=kind, settings=settings, block=_jsonable({**block, **gen}))
+    return config_types.from_config_dict(
+        cls, block, unset="placeholder", base=base, path=f"attack {name!r}"
+    )
 
 
 def _jsonable(value: Any) -> Any:
@@ -272,6 +315,39 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     return value
+
+
+def plan_attack(name: str, block: Mapping[str, Any] | None) -> AttackPlan:
+    """Validate one attack block (no model is loaded). `block` may be None for a registered
+    kind used with its defaults."""
+    block = {k: v for k, v in dict(block or {}).items() if v is not None}
+    kind = str(block.get("kind", name))
+    if kind not in REGISTRY:
+        raise ValueError(
+            f"unknown attack {name!r} (kind {kind!r}); registered attacks: {', '.join(ATTACK_KINDS)}"
+        )
+    spec = REGISTRY[kind]
+    gen = {k: block.pop(k) for k in GENERATION_KEYS if k in block}
+    extras = {**spec.extras, **{k: v for k, v in block.items() if k in spec.extras}}
+    rest = {k: v for k, v in block.items() if k not in spec.extras and k != "kind"}
+    settings: dict[str, Any] = {**GENERATION_KEYS, **gen, **extras}
+    if int(settings["n_samples"]) < 1 or float(settings["gen_temperature"]) < 0:
+        raise ValueError(f"attack {name!r}: need n_samples >= 1 and gen_temperature >= 0")
+    if spec.white_box_completions and (settings["n_samples"] != 1 or settings["gen_temperature"]):
+        raise ValueError(f"attack {name!r} decodes greedily itself; drop n_samples/gen_temperature")
+    for key, value in extras.items():
+        if key in spec.choices and str(value) not in spec.choices[key]:
+            allowed = " or ".join(repr(c) for c in spec.choices[key])
+            raise ValueError(f"attack {name!r}: {key} must be {allowed}")
+        if isinstance(value, int) and not isinstance(value, bool) and int(value) < 0:
+            raise ValueError(f"attack {name!r}: {key} must be >= 0, got {value}")
+    if spec.config is None:
+        if rest:
+            raise ValueError(f"attack {name!r}: unknown setting(s) {sorted(rest)} for {kind}")
+    else:
+        base = spec.base_config(extras)
+        settings["cfg"] = _config_from_block(spec.config, rest, name, base)
+    return AttackPlan(name=name, kind=kind, settings=settings, block=_jsonable({**block, **gen}))
 
 
 def parse_attack_names(spec: str | Sequence[str]) -> list[str]:
@@ -284,328 +360,40 @@ def parse_attack_names(spec: str | Sequence[str]) -> list[str]:
     return out
 
 
-# ------------------------------------------------------------------------------ adapters
+# ------------------------------------------------------------------------------ running
 
 
-class _TextAttackAdapter:
-    """Wraps an attack with `generate_test_cases(behaviors, seed) -> {id: [str]}`."""
-
-    def __init__(self, name: str, kind: str, attack: Any) -> None:
-        self.name, self.kind, self.attack = name, kind, attack
-
-    def generate(self, behaviors: Sequence[Any], *, seed: int) -> dict[str, list[TestCase]]:
-        raw = self.attack.generate_test_cases(list(behaviors), seed=seed)
-        return {bid: [TestCase(t) for t in cases] for bid, cases in raw.items()}
-
-    def judge_inputs(self, completions: list[str]) -> list[str]:
-        return list(completions)
+def build_attack(plan: AttackPlan, ctx: SuiteContext) -> Any:
+    """The attack object of a validated plan (loads helper models through `ctx`)."""
+    return plan.spec.factory(plan, ctx)
 
 
-class _PAPAdapter(_TextAttackAdapter):
-    def generate(self, behaviors: Sequence[Any], *, seed: int) -> dict[str, list[TestCase]]:
-        by_id = {b.id: b for b in behaviors}
-        out: dict[str, list[TestCase]] = {b.id: [] for b in behaviors}
-        for r in self.attack.rewriter.rewrite(list(behaviors), seed=seed):
-            text = with_context(by_id[r.behavior_id].context, r.text)
-            out[r.behavior_id].append(TestCase(text, meta={"technique": r.technique}))
-        return out
+def as_test_cases(raw: Mapping[str, Sequence[TestCase | str]]) -> dict[str, list[TestCase]]:
+    """An attack's `generate_test_cases` output with every plain `str` made a `TestCase`."""
+    return {
+        bid: [tc if isinstance(tc, TestCase) else TestCase(tc) for tc in cases]
+        for bid, cases in raw.items()
+    }
 
 
-class _AdaptiveAdapter(_TextAttackAdapter):
-    """PAIR / TAP: the best prompt per behaviour, with its attack-internal score."""
-
-    def generate(self, behaviors: Sequence[Any], *, seed: int) -> dict[str, list[TestCase]]:
-        results = self.attack.run(list(behaviors), seed=seed)
-        return {
-            bid: [
-                TestCase(
-                    r.best_prompt,
-                    meta={
-                        "attack_score": r.best_score,
-                        "stopped_early": r.stopped_early,
-                        "queries": len(r.attempts),
-                    },
-                )
-            ]
-            for bid, r in results.items()
-        }
-
-
-class _AutoDANAdapter(_TextAttackAdapter):
-    def generate(self, behaviors: Sequence[Any], *, seed: int) -> dict[str, list[TestCase]]:
-        results = self.attack.run(list(behaviors), seed=seed)
-        return {
-            bid: [
-                TestCase(
-                    r.best_prompt,
-                    meta={
-                        "loss": r.best_loss,
-                        "steps": r.steps_run,
-                        "stopped_early": r.stopped_early,
-                    },
-                )
-            ]
-            for bid, r in results.items()
-        }
-
-
-class _PastTenseAdapter(_TextAttackAdapter):
-    def generate(self, behaviors: Sequence[Any], *, seed: int) -> dict[str, list[TestCase]]:
-        by_id = {b.id: b for b in behaviors}
-        out: dict[str, list[TestCase]] = {b.id: [] for b in behaviors}
-        for r in self.attack.reformulate(list(behaviors), seed=seed):
-            text = with_context(by_id[r.behavior_id].context, r.text)
-            out[r.behavior_id].append(TestCase(text, meta={"tense": r.kind}))
-        return out
-
-
-class _TranslationAdapter(_TextAttackAdapter):
-    """Translations as test cases; responses are back-translated to English for the judge
-    (dat.md §6.2) unless `back_translate` is False."""
-
-    def __init__(self, name: str, attack: Any, *, back: bool, back_tokens: int) -> None:
-        super().__init__(name, "Translation", attack)
-        self.back, self.back_tokens = back, back_tokens
-
-    def generate(self, behaviors: Sequence[Any], *, seed: int) -> dict[str, list[TestCase]]:
-        by_id = {b.id: b for b in behaviors}
-        out: dict[str, list[TestCase]] = {b.id: [] for b in behaviors}
-        for r in self.attack.translate(list(behaviors), seed=seed):
-            text = with_context(by_id[r.behavior_id].context, r.text)
-            out[r.behavior_id].append(TestCase(text, meta={"language": r.language}))
-        return out
-
-    def judge_inputs(self, completions: list[str]) -> list[str]:
-        if not self.back:
-            return list(completions)
-        todo = [i for i, c in enumerate(completions) if c.strip()]
-        back = self.attack.back_translate(
-            [completions[i] for i in todo], max_new_tokens=self.back_tokens
-        )
-        out = list(completions)
-        for i, t in zip(todo, back, strict=True):
-            out[i] = t
-        return out
-
-
-class _GCGAdapter:
-    """HarmBench-style GCG (spec mixat.md §6.4): the test case is the request with the optimised
-    string after one space. `test_case="final"` (default, HarmBench) keeps the last step's string,
-    `"best"` the lowest-loss one; a chunk of behaviours runs as one batched GCG."""
-
-    kind = "GCG"
-
-    def __init__(self, name: str, cfg: Any, which: str, ctx: SuiteContext) -> None:
-        self.name, self.cfg, self.which, self.ctx = name, cfg, which, ctx
-
-    def generate(self, behaviors: Sequence[Any], *, seed: int) -> dict[str, list[TestCase]]:
-        from mixat_jax.attacks.gcg import run_gcg_batch  # lazy: heavy, compiled on first use
-
-        target = self.ctx.target
-        cfg = self.cfg
-        if cfg.system_prompt is None and self.ctx.system_prompt:
-            cfg = dataclasses.replace(cfg, system_prompt=self.ctx.system_prompt)
-        requests = [behavior_with_context(b) for b in behaviors]
-        every = max(1, cfg.num_steps // 10)
-
-        def progress(r: Any) -> None:
-            if r.step % every == 0 or r.step == r.num_steps:
-                print(
-                    f"[evaluate] {self.name} {behaviors[r.behavior_index].id}: step "
-                    f"{r.step}/{r.num_steps} loss {r.loss:.4f} best {r.best_loss:.4f}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-
-        results = run_gcg_batch(
-            target.model,
-            target.tokenizer,
-            requests,
-            [b.target for b in behaviors],
-            cfg,
-            seed=seed,
-            progress=progress,
-        )
-        out: dict[str, list[TestCase]] = {}
-        for b, req, res in zip(behaviors, requests, results, strict=True):
-            final = res.final_test_case or gcg_test_case(req, res.final_string)
-            best = res.best_test_case or gcg_test_case(req, res.best_string)
-            meta = {
-                "best_loss": float(res.best_loss),
-                "final_loss": float(res.losses[-1]) if res.losses else float("nan"),
-                "best_string": res.best_string,
-                "final_string": res.final_string,
-                "steps": res.num_steps,
-                "stopped_early": bool(res.stopped_early),
-                "test_case_from": self.which,
-            }
-            out[b.id] = [TestCase(final if self.which == "final" else best, meta=meta)]
-        return out
-
-    def judge_inputs(self, completions: list[str]) -> list[str]:
-        return list(completions)
-
-
-def gcg_test_case(request: str, suffix: str) -> str:
-    """`request + " " + suffix`: the `{optim_str}` slot appended after one space
-    (`ChatRenderer.prompt_text_with_slot`; HarmBench's `behavior + ' ' + adv_string`)."""
-    return f"{request} {suffix}"
-
-
-class _ContinuousAdapter:
-    """White-box embedding attack; completions are generated from the perturbed prompt."""
-
-    kind = "Continuous"
-
-    def __init__(self, name: str, cfg: Any, ctx: SuiteContext) -> None:
-        self.name, self.cfg, self.ctx = name, cfg, ctx
-
-    def generate(self, behaviors: Sequence[Any], *, seed: int) -> dict[str, list[TestCase]]:
-        from mixat_jax.evaluation.white_box import continuous_completions
-
-        rows = continuous_completions(
-            self.ctx.target,
-            list(behaviors),
-            self.cfg,
-            max_new_tokens=self.ctx.max_new_tokens,
-            batch_size=self.ctx.batch_size,
-            seed=seed,
-        )
-        return {
-            r["behavior_id"]: [TestCase(r["request"], completion=r["completion"], meta=r["meta"])]
-            for r in rows
-        }
-
-    def judge_inputs(self, completions: list[str]) -> list[str]:
-        return list(completions)
-
-
-def build_attack(plan: AttackPlan, ctx: SuiteContext) -> AttackAdapter:
-    """Instantiate the adapter of a validated plan (loads helper models through `ctx`)."""
-    kind, s, name = plan.kind, plan.settings, plan.name
-    if kind == "DirectRequest":
-        from mixat_jax.attacks.direct import DirectRequest
-
-        return _TextAttackAdapter(name, kind, DirectRequest())
-    if kind == "BoN":
-        from mixat_jax.attacks.bon import BoN
-
-        return _TextAttackAdapter(name, kind, BoN(s["cfg"]))
-    if kind == "HumanJailbreaks":
-        from mixat_jax.attacks.templates import HumanJailbreaks
-
-        attack = HumanJailbreaks(s["cfg"])
-        n = int(s.get("num_templates", 0))
-        if n:
-            attack.templates = attack.templates[:n]
-        return _TextAttackAdapter(name, kind, attack)
-    if kind == "PAP":
-        from mixat_jax.attacks.pap import PAP
-
-        return _PAPAdapter(name, kind, PAP(ctx.helper("rewriter"), s["cfg"]))
-    if kind in ("PAIR", "TAP"):
-        from mixat_jax.attacks.pair import PAIR, GeneratorJudge, JudgeConfig
-        from mixat_jax.attacks.tap import TAP
-
-        jcfg = JudgeConfig()
-        if s.get("scorer_max_new_tokens"):
-            jcfg = dataclasses.replace(jcfg, max_new_tokens=int(s["scorer_max_new_tokens"]))
-        scorer = GeneratorJudge(ctx.helper("scorer"), jcfg)
-        cls = PAIR if kind == "PAIR" else TAP
-        return _AdaptiveAdapter(
-            name, kind, cls(ctx.helper("attacker"), ctx.target, scorer, s["cfg"])
-        )
-    if kind == "AutoDAN":
-        from mixat_jax.attacks.autodan import AutoDAN
-        from mixat_jax.attacks.templates import builtin_templates
-        from mixat_jax.evaluation.white_box import TargetCE
-
-        templates = builtin_templates()
-        n = int(s.get("num_templates", 0))
-        if n:
-            templates = templates[:n]
-        fitness = TargetCE(ctx.target, batch_size=int(s.get("fitness_batch_size", 0)) or None)
-        attack = AutoDAN(
-            ctx.helper("mutator"), fitness, s["cfg"], target=ctx.target, templates=templates
-        )
-        return _AutoDANAdapter(name, kind, attack)
-    if kind == "PastTense":
-        from mixat_jax.attacks.rewrites import PastTenseAttack
-
-        return _PastTenseAdapter(name, kind, PastTenseAttack(ctx.helper("reformulator"), s["cfg"]))
-    if kind == "Translation":
-        from mixat_jax.attacks.rewrites import TranslationAttack
-
-        attack = TranslationAttack(ctx.helper("translator"), s["cfg"])
-        back_tokens = int(s.get("back_translate_max_new_tokens", 0)) or ctx.max_new_tokens
-        return _TranslationAdapter(
-            name, attack, back=bool(s.get("back_translate", True)), back_tokens=back_tokens
-        )
-    if kind == "GCG":
-        return _GCGAdapter(name, s["cfg"], str(s.get("test_case", "final")), ctx)
-    if kind == "Continuous":
-        return _ContinuousAdapter(name, s["cfg"], ctx)
-    raise ValueError(f"unknown attack kind {kind!r}")  # plan_attack prevents this
-
-
-ADAPTER_DEFAULTS: dict[str, Any] = {
-    "num_templates": 0,
-    "scorer_max_new_tokens": 64,
-    "fitness_batch_size": 0,
-    "preset": "harmbench",
-    "test_case": "final",
-    "behaviors_per_run": 1,
-    "back_translate": True,
-    "back_translate_max_new_tokens": 0,
-}
-
-# Protocol settings that differ from the config dataclasses' defaults (spec mixat.md §8.1).
-PROTOCOL_OVERRIDES: dict[str, dict[str, Any]] = {
-    "TAP": {"depth": 3, "width": 3, "branching_factor": 4},
-    "Continuous": {"dropout": False},
-}
-
-
-def _placeholder_type(annotation: Any) -> type:
-    text = str(annotation)
-    for name, tp in (("float", float), ("int", int), ("bool", bool)):
-        if name in text:
-            return tp
-    return str
-
-
-def _config_value(value: Any, annotation: Any) -> Any:
-    """Dataclass default → config value: None → a typed placeholder (None until set),
-    tuples → comma-separated strings."""
-    from ml_collections import config_dict
-
-    if value is None:
-        return config_dict.placeholder(_placeholder_type(annotation))
-    if isinstance(value, tuple):
-        return ",".join(str(v) for v in value)
-    return value
+# ------------------------------------------------------------------------------ defaults
 
 
 def default_block(kind: str) -> dict[str, Any]:
-    """Every setting of one attack kind with its default, as a flat config block. GCG settings
-    are placeholders (None = the value of the block's `preset`)."""
-    if kind not in ATTACK_KINDS:
+    """Every setting of one attack kind with its protocol default, as a flat config block. GCG
+    settings are placeholders (None = the value of the block's `preset`)."""
+    if kind not in REGISTRY:
         raise ValueError(f"unknown attack kind {kind!r}; registered: {', '.join(ATTACK_KINDS)}")
+    spec = REGISTRY[kind]
     block: dict[str, Any] = {"kind": kind}
-    if kind != "Continuous":
+    if not spec.white_box_completions:
         block.update(GENERATION_KEYS)
-    block.update({k: ADAPTER_DEFAULTS[k] for k in ADAPTER_KEYS.get(kind, ())})
-    if kind == "GCG":
-        from mixat_jax.attacks.gcg_presets import GCGConfig
-
-        for f in dataclasses.fields(GCGConfig):
-            block[f.name] = _config_value(None, f.type)
-        return block
-    cls = _config_class(kind)
-    if cls is not None:
-        for f in dataclasses.fields(cls):
-            block[f.name] = _config_value(f.default, f.type)
-    block.update(PROTOCOL_OVERRIDES.get(kind, {}))
+    block.update(spec.extras)
+    if spec.config is not None:
+        cfg = config_types.to_config_dict(spec.base_config(spec.extras), unset="placeholder")
+        for key, value in cfg.items(preserve_field_references=True):
+            unset = config_dict.placeholder(cfg.get_type(key))
+            block[key] = unset if spec.preset_placeholders else value
     return block
 
 

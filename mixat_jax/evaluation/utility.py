@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mixat_jax.evaluation.behaviors import Behavior, XSTestPrompt, XSTestPrompts
+from mixat_jax.behaviors import Behavior, XSTestPrompt, XSTestPrompts
 
 LETTERS = "ABCDEFGHIJ"
 LoglikFn = Callable[[list[str], list[str]], list[float]]

@@ -1,5 +1,5 @@
-"""White-box evaluation pieces on the JAX target model: target cross-entropy and the continuous
-embedding attack as an evaluation attack.
+"""White-box evaluation attacks on the JAX target model: GCG and the continuous embedding attack
+as evaluation attacks, and the target cross-entropy AutoDAN's fitness needs.
 
 * `TargetCE` is AutoDAN's fitness (spec mixat.md §8.1; HarmBench AutoDAN scores candidates by the
   target model's loss on the target string): each prompt is rendered with the chat template as
@@ -14,22 +14,32 @@ embedding attack as an evaluation attack.
   left-padded layout. Evaluation differs from training in two deliberate ways: no LoRA dropout
   (the evaluated model is deterministic) and the target mask excludes the end-of-turn tokens
   (an attack that also pushes towards ending the turn right after "Sure, here is ..." would
-  suppress the harmful continuation it is meant to elicit).
+  suppress the harmful continuation it is meant to elicit). `ContinuousAttack` gives these as
+  test cases that carry their completions.
+* `GCGAttack` is HarmBench-style GCG (spec mixat.md §6.4, `attacks.gcg_driver.run_gcg_batch`):
+  the test case is the request with the optimised string after one space.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mixat_jax import lora as lora_lib
+from mixat_jax.attacks.continuous import continuous_attack
 from mixat_jax.attacks.direct import behavior_with_context
-from mixat_jax.training import losses
+from mixat_jax.attacks.gcg_driver import run_gcg_batch
+from mixat_jax.attacks.gcg_presets import GCGConfig
+from mixat_jax.attacks.llm_interface import TestCase
+from mixat_jax.objectives import TokenRows, mean_embedding_norm, sequence_logprobs
+from mixat_jax.sampling import generate_tokens, left_pad
 
 
 def _bucket(n: int, multiple: int) -> int:
@@ -62,12 +72,27 @@ def target_span(renderer: Any, prompt: str, target: str) -> tuple[list[int], int
     return ids[: p_len + n_t], p_len, n_t
 
 
+def span_rows(spans: Sequence[tuple[list[int], int, int]], length: int, pad_id: int) -> TokenRows:
+    """Right-padded ``TokenRows`` (numpy) of ``target_span`` rows: prompt = the first ``p_len``
+    tokens, target = the next ``n_t``."""
+    b = len(spans)
+    ids = np.full((b, length), pad_id, np.int32)
+    mask, prompt, target = (np.zeros((b, length), bool) for _ in range(3))
+    for i, (row, p_len, n_t) in enumerate(spans):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = True
+        prompt[i, :p_len] = True
+        target[i, p_len : p_len + n_t] = True
+    return TokenRows(ids, mask, prompt, target)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_targets"))
-def _row_ce(graphdef, state, ids_BxL, mask_BxL, tmask_BxL, *, max_targets: int) -> jax.Array:
+def _row_ce(graphdef, state, rows: TokenRows, *, max_targets: int) -> jax.Array:
     model = nnx.merge(graphdef, state)
-    logp, weight, _ = losses.sequence_logprobs(
-        model, model.embed(ids_BxL), mask_BxL, ids_BxL, tmask_BxL, max_targets=max_targets
-    )
+    logp, weight, _ = sequence_logprobs(
+        model, model.embed(rows.ids_BxL), rows.mask_BxL, rows.ids_BxL, rows.target_BxL,
+        max_targets=max_targets,
+    )  # fmt: skip
     w = weight.astype(jnp.float32)
     return -jnp.sum(logp * w, axis=-1) / jnp.maximum(jnp.sum(w, axis=-1), 1.0)
 
@@ -97,21 +122,11 @@ class TargetCE:
             chunk = chunk + [chunk[-1]] * (self.batch_size - n)
             length = _bucket(max(len(ids) for ids, _, _ in chunk), self.length_multiple)
             t = _bucket(max(n_t for _, _, n_t in chunk), 8)
-            ids = np.full((len(chunk), length), self.pad_id, np.int32)
-            mask = np.zeros((len(chunk), length), bool)
-            tmask = np.zeros((len(chunk), length), bool)
-            for i, (row, p_len, n_t) in enumerate(chunk):
-                ids[i, : len(row)] = row
-                mask[i, : len(row)] = True
-                tmask[i, p_len : p_len + n_t] = True
+            rows = span_rows(chunk, length, self.pad_id)
             ce = _row_ce(
-                self.generator.graphdef,
-                self.generator.state,
-                jnp.asarray(ids),
-                jnp.asarray(mask),
-                jnp.asarray(tmask),
+                self.generator.graphdef, self.generator.state, rows._replace(prompt_BxL=None),
                 max_targets=t,
-            )
+            )  # fmt: skip
             out += np.asarray(ce, np.float64)[:n].tolist()
         return np.asarray(out, np.float64)
 
@@ -120,13 +135,10 @@ class TargetCE:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
-def _attack(graphdef, lora, frozen, ids, mask, pmask, tmask, valid, key, eps_abs, *, cfg):
-    from mixat_jax.attacks.continuous import continuous_attack
-
+def _attack(graphdef, lora, frozen, rows: TokenRows, valid, key, eps_abs, *, cfg):
     return continuous_attack(
-        graphdef, lora, frozen, ids, mask, pmask, tmask, key, cfg=cfg, eps_abs=eps_abs,
-        row_valid_B=valid,
-    )  # fmt: skip
+        graphdef, lora, frozen, rows, key, cfg=cfg, eps_abs=eps_abs, row_valid_B=valid
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -156,10 +168,6 @@ def continuous_completions(
 ) -> list[dict[str, Any]]:
     """Attack each behaviour's `[request | target]` and generate greedily from the perturbed
     prompt. Returns dicts {behavior_id, request, completion, meta}."""
-    from mixat_jax import lora as lora_lib
-    from mixat_jax.attacks.continuous import mean_embedding_norm
-    from mixat_jax.sampling import generate_tokens, left_pad
-
     model, renderer, tok = generator.model, generator.renderer, generator.tokenizer
     graphdef, lora, frozen = lora_lib.split(model)
     e_bar = float(mean_embedding_norm(model.embedding_matrix))
@@ -174,20 +182,12 @@ def continuous_completions(
         spans = [target_span(renderer, r, b.target) for r, b in zip(requests, chunk, strict=True)]
         spans += [spans[-1]] * (batch_size - n)
         length = _bucket(max(len(ids) for ids, _, _ in spans), multiple)
-        ids = np.full((batch_size, length), pad, np.int32)
-        mask = np.zeros((batch_size, length), bool)
-        pmask = np.zeros((batch_size, length), bool)
-        tmask = np.zeros((batch_size, length), bool)
-        for i, (row, p_len, n_t) in enumerate(spans):
-            ids[i, : len(row)] = row
-            mask[i, : len(row)] = True
-            pmask[i, :p_len] = True
-            tmask[i, p_len : p_len + n_t] = True
+        rows = span_rows(spans, length, pad)
         valid = np.arange(batch_size) < n
         key = jax.random.fold_in(jax.random.key(seed), start)
         delta, diag = _attack(
-            graphdef, lora, frozen, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pmask),
-            jnp.asarray(tmask), jnp.asarray(valid), key, eps_abs, cfg=cfg,
+            graphdef, lora, frozen, jax.tree.map(jnp.asarray, rows), jnp.asarray(valid), key,
+            eps_abs, cfg=cfg,
         )  # fmt: skip
         p_lens = [p_len for _, p_len, _ in spans]
         p = _bucket(max(p_lens), multiple)
@@ -222,3 +222,107 @@ def continuous_completions(
             meta = dict(meta_common, delta_norm_max=float(norms[i, : p_lens[i]].max(initial=0.0)))
             out.append({"behavior_id": b.id, "request": req, "completion": text, "meta": meta})
     return out
+
+
+class ContinuousAttack:
+    """The continuous embedding attack as an evaluation attack: one test case per behaviour, the
+    request, carrying the completion generated from its perturbed prompt (`meta`: the radius,
+    the batch's loss before/after, the realised max ‖δ‖, the iterations)."""
+
+    name = "Continuous"
+
+    def __init__(self, generator: Any, cfg: Any, *, max_new_tokens: int, batch_size: int) -> None:
+        self.generator, self.cfg = generator, cfg
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+
+    def generate_test_cases(
+        self, behaviors: Sequence[Any], *, seed: int = 0
+    ) -> dict[str, list[TestCase]]:
+        rows = continuous_completions(
+            self.generator,
+            list(behaviors),
+            self.cfg,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            seed=seed,
+        )
+        return {
+            r["behavior_id"]: [TestCase(r["request"], completion=r["completion"], meta=r["meta"])]
+            for r in rows
+        }
+
+
+# ------------------------------------------------------------------------------------- GCG
+
+
+GCG_TEST_CASES: tuple[str, ...] = ("final", "best")
+
+
+def gcg_test_case(request: str, suffix: str) -> str:
+    """`request + " " + suffix`: the `{optim_str}` slot appended after one space
+    (`ChatRenderer.prompt_text_with_slot`; HarmBench's `behavior + ' ' + adv_string`)."""
+    return f"{request} {suffix}"
+
+
+class GCGAttack:
+    """HarmBench-style GCG on the target (spec mixat.md §6.4): the test case is the request with
+    the optimised string after one space. `test_case="final"` (default, HarmBench) keeps the last
+    step's string, `"best"` the lowest-loss one; the behaviours of one call run as one batched
+    GCG. Progress lines `[evaluate] <label> <behaviour>: step k/n ...` go to `stream`."""
+
+    name = "GCG"
+
+    def __init__(
+        self,
+        generator: Any,
+        cfg: GCGConfig,
+        *,
+        test_case: str = "final",
+        label: str = "GCG",
+        stream: TextIO | None = None,
+    ) -> None:
+        if test_case not in GCG_TEST_CASES:
+            raise ValueError(f"test_case must be one of {GCG_TEST_CASES}, got {test_case!r}")
+        self.generator, self.cfg, self.which, self.label = generator, cfg, test_case, label
+        self.stream = stream
+
+    def generate_test_cases(
+        self, behaviors: Sequence[Any], *, seed: int = 0
+    ) -> dict[str, list[TestCase]]:
+        cfg = self.cfg
+        requests = [behavior_with_context(b) for b in behaviors]
+        every = max(1, cfg.num_steps // 10)
+
+        def progress(r: Any) -> None:
+            if r.step % every == 0 or r.step == r.num_steps:
+                print(
+                    f"[evaluate] {self.label} {behaviors[r.behavior_index].id}: step "
+                    f"{r.step}/{r.num_steps} loss {r.loss:.4f} best {r.best_loss:.4f}",
+                    file=self.stream or sys.stderr,
+                    flush=True,
+                )
+
+        results = run_gcg_batch(
+            self.generator.model,
+            self.generator.tokenizer,
+            requests,
+            [b.target for b in behaviors],
+            cfg,
+            seed=seed,
+            progress=progress,
+        )
+        out: dict[str, list[TestCase]] = {}
+        for b, req, res in zip(behaviors, requests, results, strict=True):
+            final = res.final_test_case or gcg_test_case(req, res.final_string)
+            best = res.best_test_case or gcg_test_case(req, res.best_string)
+            meta = {
+                "best_loss": float(res.best_loss),
+                "final_loss": float(res.losses[-1]) if res.losses else float("nan"),
+                "best_string": res.best_string,
+                "final_string": res.final_string,
+                "steps": res.num_steps,
+                "stopped_early": bool(res.stopped_early),
+                "test_case_from": self.which,
+            }
+            out[b.id] = [TestCase(final if self.which == "final" else best, meta=meta)]
+        return out

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-if TYPE_CHECKING:
-    from mixat_jax.evaluation.behaviors import Behavior
+from mixat_jax.behaviors import Behavior
 
 HARMFUL, SAFE, UNPARSABLE = 1, 0, -1
 

@@ -20,7 +20,8 @@ Device arrays (numpy; ids int32, masks/valid bool)::
 
 ``*_mask`` = attended (real) tokens; ``*_prompt_mask`` = the attack's ``M_in`` (whole rendered
 prompt incl. BOS/system/template/assistant header); ``*_target_mask[b, t]`` = token ``ids[b, t]``
-is a loss target (predicted by the logit at ``t - 1``). Too long responses are truncated on the
+is a loss target (predicted by the logit at ``t - 1``). :func:`token_rows` reads one side
+(away / toward / util) of a batch as an ``objectives.TokenRows`` record. Too long responses are truncated on the
 right; a prompt that leaves no room for a target token is an error (or, with overflow "skip", an
 invalid slot recorded in the metadata) — never a silent overflow.
 
@@ -38,6 +39,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from mixat_jax.objectives import TokenRows
 from mixat_jax.training.data import AdvRow, Row, UtilityRow
 
 COMPOSITIONS = ("fixed", "reference")
@@ -55,6 +57,7 @@ ADV_KEYS = (
 )
 UTIL_KEYS = ("util_ids_UxM", "util_mask_UxM", "util_target_mask_UxM")
 BATCH_KEYS = (*ADV_KEYS, "adv_valid_A", *UTIL_KEYS, "util_valid_U")
+SIDES = {"away": "AxL", "toward": "AxL", "util": "UxM"}  # row kind -> shape suffix of its keys
 
 Encoded = tuple[np.ndarray, np.ndarray, np.ndarray]  # ids, prompt_mask, response_mask
 RenderFn = Callable[[str, str], Any]  # (instruction, response) -> Rendered | Encoded
@@ -153,6 +156,21 @@ def empty_batch(layout: BatchLayout) -> dict[str, np.ndarray]:
         fill = layout.pad_id if "_ids_" in k else 0
         out[k] = np.full(shape, fill, dtype=dtype)
     return out
+
+
+def token_rows(batch: Mapping[str, Any], side: str) -> TokenRows:
+    """The ``side`` rows ("away", "toward" or "util") of a packed batch as a ``TokenRows``
+    (arrays as stored: ``[A, L]``, or ``[G, A, L]`` for stacked micro-batches). Utility rows have
+    no prompt mask (``prompt_BxL`` is None): nothing attacks them."""
+    if side not in SIDES:
+        raise ValueError(f"batch side {side!r} unknown; use one of {tuple(SIDES)}")
+    suffix = SIDES[side]
+    return TokenRows(
+        ids_BxL=batch[f"{side}_ids_{suffix}"],
+        mask_BxL=batch[f"{side}_mask_{suffix}"],
+        prompt_BxL=batch.get(f"{side}_prompt_mask_{suffix}"),
+        target_BxL=batch[f"{side}_target_mask_{suffix}"],
+    )
 
 
 # --------------------------------------------------------------------------------------------

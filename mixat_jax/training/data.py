@@ -16,7 +16,6 @@ Sources are local paths, or Hugging Face dataset ids (``datasets`` is imported o
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 from collections.abc import Mapping, Sequence
@@ -25,13 +24,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from mixat_jax.behaviors import is_local_table, read_table
+
 SAFE_RESPONSE = "Sorry, I can't do that."
 ULTRACHAT_ID = "HuggingFaceH4/ultrachat_200k"
 MAX_FIRST_USER_CHARS = 768
 ADV_PROBABILITY = 0.125
 INTERLEAVE_SEED = 42
 _CHOICE_BLOCK = 1000
-_TABLE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
 
 T = TypeVar("T")
 
@@ -64,70 +64,13 @@ Row = AdvRow | UtilityRow
 
 
 # --------------------------------------------------------------------------------------------
-# Generic table reading
-# --------------------------------------------------------------------------------------------
-
-
-def _is_local(source: str | Path) -> bool:
-    p = Path(source)
-    return p.exists() or p.suffix.lower() in _TABLE_SUFFIXES
-
-
-def _read_local_table(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        raise ValueError(f"data file {str(path)!r} does not exist; pass an existing path")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        with path.open(encoding="utf-8", errors="replace", newline="") as f:
-            return list(csv.DictReader(f))
-    if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if suffix == ".json":
-        with path.open(encoding="utf-8") as f:
-            obj = json.load(f)
-        if isinstance(obj, list):
-            return obj
-        raise ValueError(
-            f"{str(path)!r} holds a JSON {type(obj).__name__}, expected a list of records; "
-            "use a JSON list or JSONL file"
-        )
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    raise ValueError(
-        f"unsupported data file type {suffix!r} for {str(path)!r}; use .csv, .json, .jsonl "
-        "or .parquet"
-    )
-
-
-def _read_hub_table(dataset_id: str, split: str) -> list[dict[str, Any]]:
-    try:
-        import datasets
-    except ImportError as e:  # pragma: no cover - datasets is a declared dependency
-        raise ValueError(
-            f"loading dataset id {dataset_id!r} needs the `datasets` package; install it or pass "
-            "a local file"
-        ) from e
-    return list(datasets.load_dataset(dataset_id, split=split))
-
-
-def read_table(source: str | Path, split: str = "train") -> list[dict[str, Any]]:
-    """Rows (dicts) of a local .csv/.json/.jsonl/.parquet file or of a HF dataset id's split."""
-    if _is_local(source):
-        return _read_local_table(Path(source))
-    return _read_hub_table(str(source), split)
-
-
-# --------------------------------------------------------------------------------------------
 # Adversarial rows (§2.1)
 # --------------------------------------------------------------------------------------------
 
 
 def _read_targets(source: str | Path, split: str) -> dict[str, list[str]]:
     """BehaviorID -> list of targets, from the HarmBench JSON mapping or a table."""
-    if _is_local(source) and Path(source).suffix.lower() == ".json":
+    if is_local_table(source) and Path(source).suffix.lower() == ".json":
         path = Path(source)
         if not path.exists():
             raise ValueError(f"targets file {str(path)!r} does not exist; pass an existing path")

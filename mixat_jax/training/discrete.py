@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from mixat_jax.attacks.gcg import GCGConfig, StepReport, run_gcg_batch
+from mixat_jax.attacks.gcg_driver import StepReport, run_gcg_batch
+from mixat_jax.attacks.gcg_presets import GCGConfig
 from mixat_jax.attacks.llm_interface import call_seed
 from mixat_jax.training.batches import AdvItem
 from mixat_jax.training.data import AdvRow

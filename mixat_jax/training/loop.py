@@ -34,16 +34,23 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mixat_jax import lora as lora_lib
 from mixat_jax import mesh as mesh_lib
-from mixat_jax import steps as steps_lib
+from mixat_jax.attacks.pap import load_pool
+from mixat_jax.chat import ChatRenderer
+from mixat_jax.hf.export import save_adapter
+from mixat_jax.hf.load import load_pretrained
+from mixat_jax.pap_pool import PoolBehavior, template_records, write_records_atomic
+from mixat_jax.tiny_model import build_tiny_checkpoint
 from mixat_jax.training import checkpoint as ckpt_lib
 from mixat_jax.training import data as data_lib
 from mixat_jax.training import discrete as discrete_lib
 from mixat_jax.training import run_config as rc
 from mixat_jax.training import schedules
 from mixat_jax.training.batches import host_local_batch, pack_microbatch, stack_microbatches
+from mixat_jax.training.compiled_step import make_jitted_train_step, step_batch_shardings
 from mixat_jax.training.metrics import METRICS_FILE, MetricWriter
 from mixat_jax.training.optim import lr_schedule, make_optimizer
 from mixat_jax.training.progress import Progress
@@ -125,8 +132,6 @@ def _truncate_metrics(workdir: Path, last_step: int) -> None:
 # ------------------------------------------------------------------------------ setup pieces
 def tiny_checkpoint(spec: rc.TinyModelSpec, workdir: Path) -> Path:
     """The tiny random checkpoint for ``spec`` (built once into the cache directory)."""
-    from mixat_jax.tiny_model import build_tiny_checkpoint
-
     root = Path(spec.cache_dir) if spec.cache_dir else workdir / "tiny_model"
     name = (f"tiny_v{spec.vocab_size}_h{spec.hidden_size}_l{spec.num_layers}_a{spec.num_heads}"
             f"_k{spec.num_kv_heads}_s{spec.seed}")  # fmt: skip
@@ -152,22 +157,16 @@ def tiny_checkpoint(spec: rc.TinyModelSpec, workdir: Path) -> Path:
 
 def load_model(cfg: rc.RunConfig, workdir: Path, mesh):
     """(model with LoRA attached, tokenizer, model directory)."""
-    from mixat_jax.hf.load import load_pretrained
-
-    path = tiny_checkpoint(cfg.tiny, workdir) if cfg.tiny is not None else cfg.model
+    path = tiny_checkpoint(cfg.tiny_model, workdir) if cfg.tiny_model is not None else cfg.model
     model, tok = load_pretrained(path, dtype=cfg.dtype, mesh=mesh, remat=cfg.remat)
     with jax.set_mesh(mesh):
-        lora_lib.ensure_lora(model, cfg.lora, seed=cfg.seed)
+        lora_lib.ensure_lora(model, cfg.lora.build(), seed=cfg.seed)
     return model, tok, str(path)
 
 
 def load_pap_pool(cfg: rc.RunConfig, rows, workdir: Path) -> discrete_lib.PAPPool:
-    from mixat_jax.attacks.pap import load_pool
-
     d = cfg.discrete
     if d.pap_pool == rc.PAP_TEMPLATE:
-        from mixat_jax.pap_pool import PoolBehavior, template_records, write_records_atomic
-
         behaviors = {r.behavior_id: PoolBehavior(r.behavior_id, r.behavior) for r in rows}
         records = template_records(list(behaviors.values()), seed=cfg.seed,
                                    n_per_technique=d.template_n_per_technique,
@@ -193,7 +192,7 @@ def load_pap_pool(cfg: rc.RunConfig, rows, workdir: Path) -> discrete_lib.PAPPoo
 
 def global_batch(batch_np: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     """Global [G, slots, ...] arrays from each process's slot slice (replicated keys: whole)."""
-    shardings = steps_lib.step_batch_shardings(batch_np, mesh)
+    shardings = step_batch_shardings(batch_np, mesh)
     n_proc, idx = jax.process_count(), jax.process_index()
     out = {}
     for k, v in batch_np.items():
@@ -219,8 +218,7 @@ class Run:
     renderer: Any
     tokenizer: Any
     model_dir: str
-    state: Any
-    tx: Any
+    state: Any  # the optimizer is state.tx
     rewriter: discrete_lib.DiscreteRewriter
     layout: Any
 
@@ -241,7 +239,7 @@ def setup(config, workdir: str | Path, should_abort: Callable[[], bool]) -> Run:
     mixture = data_lib.interleave(
         adv, util, adv_probability=cfg.data.adv_probability, seed=cfg.data.interleave_seed
     )
-    stream = EpochStream(mixture, cfg.layout, cfg.seed)
+    stream = EpochStream(mixture, cfg.batch, cfg.seed)
     n_steps = cfg.steps or total_steps(stream, cfg.epochs, cfg.grad_accum)
     schedule = schedules.build_schedule(
         cfg.discrete.schedule, n_steps * cfg.grad_accum, seed=cfg.seed
@@ -251,9 +249,7 @@ def setup(config, workdir: str | Path, should_abort: Callable[[], bool]) -> Run:
     workdir.mkdir(parents=True, exist_ok=True)
     model, tok, model_dir = load_model(cfg, workdir, mesh)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    layout = dataclasses.replace(cfg.layout, pad_id=int(pad))
-    from mixat_jax.chat import ChatRenderer
-
+    layout = dataclasses.replace(cfg.batch, pad_id=int(pad))
     renderer = ChatRenderer(tok, system_prompt=cfg.system_prompt)
     rewriter = discrete_lib.DiscreteRewriter(
         renderer=renderer,
@@ -261,7 +257,7 @@ def setup(config, workdir: str | Path, should_abort: Callable[[], bool]) -> Run:
         max_len_adv=layout.max_len_adv,
         seed=cfg.seed,
         pool=pool,
-        gcg=cfg.discrete.gcg,
+        gcg=cfg.discrete.gcg_config,
         technique_per=cfg.discrete.technique_per,
         mesh=mesh if mesh.size > 1 else None,
         should_abort=should_abort,
@@ -275,7 +271,7 @@ def setup(config, workdir: str | Path, should_abort: Callable[[], bool]) -> Run:
         f"{schedule.fractions()}; mean |E_v| {float(state.emb_norm):.4f}, eps_abs "
         f"{cfg.step.attack.eps * float(state.emb_norm):.4g}")  # fmt: skip
     return Run(cfg, workdir, config_json, mesh, stream, schedule, n_steps, renderer, tok,
-               model_dir, state, tx, rewriter, layout)  # fmt: skip
+               model_dir, state, rewriter, layout)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -359,12 +355,8 @@ def build_batch(run: Run, step: int, model_fn) -> tuple[dict[str, np.ndarray], d
 
 def write_adapter(run: Run, state) -> Path:
     """``workdir/adapter`` (PEFT) from the LoRA state; replaced atomically."""
-    from mixat_jax.hf.export import save_adapter
-
     lora = state.lora
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         lora = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), lora)
     out = run.workdir / ADAPTER_DIR
     if jax.process_index() != 0:
@@ -399,7 +391,7 @@ def _run(config, workdir: str | Path, preempt: ckpt_lib.PreemptionFlag) -> str:
                                  max_to_keep=cfg.keep_checkpoints)  # fmt: skip
     state, start = restore(r, ckpt, root_key)
     _truncate_metrics(r.workdir, start)
-    jitted = steps_lib.make_jitted_train_step(cfg.step, r.tx, r.mesh)
+    jitted = make_jitted_train_step(cfg.step, r.mesh)
     lr_at = lr_schedule(cfg.optim, r.steps)
     writer = MetricWriter(r.workdir)
     progress = Progress(r.steps, every=cfg.log_every, enabled=jax.process_index() == 0)

@@ -53,7 +53,7 @@ class MetricWriter:
         self, workdir: str | Path, *, enabled: bool | None = None, tensorboard: bool = True
     ) -> None:
         if enabled is None:
-            import jax
+            import jax  # lazy: only for this default; the writer itself needs no jax
 
             enabled = jax.process_index() == 0
         self.enabled = enabled
@@ -65,7 +65,7 @@ class MetricWriter:
         if not enabled:
             return
         if self._remote:
-            from etils import epath
+            from etils import epath  # lazy: optional, only for remote (gs://) workdirs
 
             self._epath = epath.Path(self.workdir) / METRICS_FILE
             self._epath.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ class MetricWriter:
             Path(self.workdir).mkdir(parents=True, exist_ok=True)
             self._file = open(Path(self.workdir) / METRICS_FILE, "a", encoding="utf-8")
         if tensorboard and not self._remote:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # lazy: heavy, only when TensorBoard is on
 
             self._tb = SummaryWriter(logdir=str(Path(self.workdir) / TB_DIR))
         elif tensorboard:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -83,3 +84,14 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
         weight_decay=cfg.weight_decay,
     )
     return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
+
+
+def injected_learning_rate(opt_state) -> jax.Array:
+    """The learning rate ``inject_hyperparams`` recorded for the last update (NaN if the
+    optimizer injects none, e.g. plain ``optax.sgd``)."""
+    found = [
+        x.hyperparams["learning_rate"]
+        for x in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "hyperparams"))
+        if hasattr(x, "hyperparams") and "learning_rate" in x.hyperparams
+    ]
+    return jnp.asarray(found[0] if found else jnp.nan, jnp.float32)

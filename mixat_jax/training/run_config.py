@@ -1,13 +1,19 @@
-"""Frozen run configuration, built ONCE from the ml_collections ConfigDict (DESIGN.md rule 7).
+"""The training run's configuration: frozen dataclasses whose fields ARE the config keys.
 
-``from_config_dict(config)`` turns a ``configs/*.py`` ConfigDict (fields and reference values in
-``configs/common.py``; MixAT spec §3.1, §5, §6, §7) into nested frozen dataclasses: the library
-types that already exist (``MeshConfig``, ``LoraConfig``, ``OptimConfig``, ``StepConfig``,
-``BatchLayout``, ``GCGConfig``) plus the run-level specs below. Every user-facing check of a
-config value happens here, before any model or data is touched; a bad value is one ``ValueError``.
+``configs/*.py`` start from ``configs/common.base_config()`` = ``config_types.to_config_dict(
+RunConfig())``: every key and every reference value (MixAT spec §3.1, §5, §6, §7) is written
+once, here or in the library dataclasses this tree reuses (``StepConfig`` with its
+``ContinuousAttackConfig`` and ``LossConfig``, ``OptimConfig``, ``BatchLayout``,
+``MeshConfig``). How those appear in the ConfigDict is declared at their fields below
+(``config_types.field``): ``StepConfig``'s fields are top-level keys (``variant``, ``attack``,
+``loss``, ``train_dropout``, ``adv_max_targets``, ``attack_batching``), ``OptimConfig.eps`` /
+``.schedule`` are ``adam_epsilon`` / ``lr_scheduler_type`` (the reference's names),
+``BatchLayout.max_len_util`` is ``batch.max_len``. ``""`` and ``0`` mean "not set" for optional
+strings and counts (``steps=0`` = derive from ``epochs``; ``stop_after=0`` = never);
+``tiny_model`` is ``{"enabled": False}`` unless a tiny random checkpoint is requested.
 
-ConfigDict conventions (as in ``configs/eval``): ``""`` and ``0`` mean "not set" for optional
-strings and counts (``steps=0`` = derive from ``epochs``; ``stop_after=0`` = never).
+:func:`from_config_dict` turns a ConfigDict into a validated ``RunConfig``: unknown keys, wrong
+types and bad values are one-line ``ValueError``s, raised before any model or data is touched.
 
 ``RESUME_FREE_KEYS`` are the fields a resumed run may change (logging/checkpoint cadence and
 debug stops); every other field must equal the workdir's ``config.json`` to resume there.
@@ -19,14 +25,15 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from mixat_jax.attacks.continuous import ContinuousAttackConfig
+from mixat_jax import config_types
 from mixat_jax.attacks.gcg_presets import GCGConfig
 from mixat_jax.attacks.gcg_presets import preset as gcg_preset
 from mixat_jax.mesh import MeshConfig
 from mixat_jax.models.config import LoraConfig
+from mixat_jax.training import data as data_lib
 from mixat_jax.training.batches import BatchLayout
 from mixat_jax.training.optim import OptimConfig
-from mixat_jax.training.step_config import VARIANTS, LossConfig, StepConfig
+from mixat_jax.training.step_config import StepConfig
 
 DATA_SOURCES = ("harmbench", "synthetic")
 TECHNIQUE_PER = ("microbatch", "row")
@@ -39,7 +46,18 @@ RESUME_FREE_KEYS = (
     "log_every",
     "compilation_cache_dir",
 )
+HARMBENCH_DIR = "data/harmbench"  # default of $MIXAT_DATA_DIR (configs/common.py)
+HARMBENCH_FILES = {
+    "behaviors": "adv_training_behaviors.csv",
+    "targets": "adv_training_targets.json",
+    "safe_responses": "adv_training_behaviors_safe_responses.csv",
+}
 _GCG_FIELDS = {f.name for f in dataclasses.fields(GCGConfig)}
+
+
+def harmbench_paths(data_dir: str) -> dict[str, str]:
+    """``config.data`` paths of the HarmBench adversarial-training split in ``data_dir``."""
+    return {key: f"{data_dir}/{name}" for key, name in HARMBENCH_FILES.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,79 +74,58 @@ class TinyModelSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """``config.lora`` (spec §3.1): ``LoraConfig`` with ``targets`` as written in a config:
+    ``"all-linear"`` (every linear layer but lm_head) or ``"q_proj|v_proj"``."""
+
+    r: int = LoraConfig.r
+    alpha: float = LoraConfig.alpha
+    dropout: float = LoraConfig.dropout
+    targets: str = "all-linear"
+
+    def __post_init__(self) -> None:
+        self.build()  # LoraConfig.make's checks (rank, target names)
+
+    def build(self) -> LoraConfig:
+        return LoraConfig.make(r=self.r, alpha=self.alpha, dropout=self.dropout,
+                               targets=self.targets)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
 class DataSpec:
-    """Adversarial rows (HarmBench files / dataset ids, or the synthetic world) + utility rows."""
+    """Adversarial rows (HarmBench files / dataset ids, or the synthetic world) + utility rows
+    (spec §2): UltraChat, a ~8.5k-row prefix of the first 20k rows in the mixture (§2.3),
+    trained from the first response on (reference masking, §11.17)."""
 
     source: str = "harmbench"
-    behaviors: str = ""
-    targets: str = ""
-    safe_responses: str = ""
-    refusal: str = "Sorry, I can't do that."
+    behaviors: str = harmbench_paths(HARMBENCH_DIR)["behaviors"]
+    targets: str = harmbench_paths(HARMBENCH_DIR)["targets"]
+    safe_responses: str = harmbench_paths(HARMBENCH_DIR)["safe_responses"]
+    refusal: str = data_lib.SAFE_RESPONSE
     split: str = "train"
-    utility: str = "HuggingFaceH4/ultrachat_200k"
+    utility: str = data_lib.ULTRACHAT_ID
     utility_split: str = "train_sft"
-    utility_limit: int | None = None
-    max_first_user_chars: int | None = 768
+    utility_limit: int | None = 20000
+    max_first_user_chars: int | None = data_lib.MAX_FIRST_USER_CHARS
     utility_train_on: str = "after_first_response"
-    adv_probability: float = 0.125
-    interleave_seed: int = 42
+    adv_probability: float = data_lib.ADV_PROBABILITY
+    interleave_seed: int = data_lib.INTERLEAVE_SEED
     synthetic_seed: int = 0
 
-
-@dataclasses.dataclass(frozen=True)
-class DiscreteSpec:
-    """Discrete rewrites on the host (spec §6): schedule, PAP pool sampling, GCG settings."""
-
-    schedule: str = "none"
-    technique_per: str = "microbatch"
-    pap_pool: str = ""
-    num_techniques: int = 40
-    template_n_per_technique: int = 2
-    gcg: GCGConfig = GCGConfig()
+    def __post_init__(self) -> None:
+        if self.source not in DATA_SOURCES:
+            raise ValueError(
+                f"config.data.source={self.source!r} unknown; use one of {DATA_SOURCES}"
+            )
+        if self.source == "harmbench" and not (self.behaviors and self.targets):
+            raise ValueError(
+                "config.data.behaviors and config.data.targets are required for harmbench"
+            )
 
 
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    model: str
-    tiny: TinyModelSpec | None
-    dtype: str
-    remat: bool
-    system_prompt: str | None
-    variant: str
-    seed: int
-    steps: int | None
-    epochs: int
-    grad_accum: int
-    checkpoint_every: int
-    keep_checkpoints: int
-    stop_after: int | None
-    log_every: int
-    compilation_cache_dir: str
-    mesh: MeshConfig
-    lora: LoraConfig
-    optim: OptimConfig
-    step: StepConfig
-    layout: BatchLayout
-    data: DataSpec
-    discrete: DiscreteSpec
-
-
-def _opt_int(x: Any) -> int | None:
-    return None if x in (None, 0, "") else int(x)
-
-
-def _opt_str(x: Any) -> str | None:
-    return None if x in (None, "") else str(x)
-
-
-def _need(c: Mapping[str, Any], *names: str) -> None:
-    missing = [n for n in names if n not in c]
-    if missing:
-        raise ValueError(f"config lacks fields {missing}; start from configs/common.base_config()")
-
-
-def _gcg(c: Mapping[str, Any]) -> GCGConfig:
-    fields = {k: v for k, v in c.items() if k != "preset"}
+def _gcg(block: Mapping[str, Any]) -> GCGConfig:
+    """The ``discrete.gcg`` block: a GCG ``preset`` name plus field overrides."""
+    fields = {k: v for k, v in block.items() if k != "preset"}
     unknown = sorted(set(fields) - _GCG_FIELDS)
     if unknown:
         raise ValueError(f"config.discrete.gcg has unknown fields {unknown}")
@@ -136,143 +133,107 @@ def _gcg(c: Mapping[str, Any]) -> GCGConfig:
               for k, v in fields.items()}  # fmt: skip
     if fields.get("suffix_len") == 0:
         fields["suffix_len"] = None
-    return gcg_preset(str(c.get("preset", "mixat_train")), **fields)
+    return gcg_preset(str(block.get("preset", "mixat_train")), **fields)
 
 
-def from_config_dict(c: Mapping[str, Any]) -> RunConfig:
-    """Validated frozen RunConfig from a ConfigDict (or nested plain dict) of configs/common.py."""
-    c = c.to_dict() if hasattr(c, "to_dict") else dict(c)
-    _need(c, "model", "variant", "seed", "steps", "epochs", "grad_accum", "mesh", "lora", "optim",
-          "attack", "loss", "batch", "data", "discrete")  # fmt: skip
-    variant = str(c["variant"])
-    if variant not in VARIANTS:
-        raise ValueError(f"config.variant={variant!r} unknown; use one of {VARIANTS}")
-    tiny_c = c.get("tiny_model") or {}
-    tiny = None
-    if tiny_c.get("enabled", False):
-        tiny = TinyModelSpec(**{k: v for k, v in tiny_c.items() if k != "enabled"})
-    elif not str(c["model"]).strip():
+@dataclasses.dataclass(frozen=True)
+class DiscreteSpec:
+    """Discrete rewrites on the host (spec §6): schedule flags (0 continuous / 1 PAP / 2 GCG
+    per micro-batch), PAP pool sampling (one technique per micro-batch, as the reference, or
+    per ``row``; ``pap_pool`` from ``python -m mixat_jax.pap_pool`` or ``"template"``), and the
+    ``gcg`` block: a GCG preset plus overrides (MixAT+GCG: 100 HarmBench steps)."""
+
+    schedule: str = "uniform50_epoch2"
+    technique_per: str = "microbatch"
+    pap_pool: str = "data/pap_pool.jsonl"
+    num_techniques: int = 40
+    template_n_per_technique: int = 2
+    gcg: dict[str, Any] = dataclasses.field(
+        default_factory=lambda: {"preset": "mixat_train", "batch_size": 128, "max_seq_len": 512}
+    )
+
+    def __post_init__(self) -> None:
+        if self.technique_per not in TECHNIQUE_PER:
+            raise ValueError(
+                f"config.discrete.technique_per={self.technique_per!r}; use one of {TECHNIQUE_PER}"
+            )
+        if not 1 <= self.num_techniques <= 40:
+            raise ValueError(f"config.discrete.num_techniques must be in [1, 40]; got "
+                             f"{self.num_techniques}")  # fmt: skip
+        self.gcg_config  # noqa: B018 (validates the block)
+
+    @property
+    def gcg_config(self) -> GCGConfig:
+        return _gcg(self.gcg)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A training run (reference MixAT values, Zephyr-7B-style; the model is left empty).
+
+    ``dtype``: frozen base weights (LoRA, optimizer and δ are fp32, spec §11.15); ``remat``:
+    ``jax.checkpoint`` per decoder block (~4x less activation memory); ``grad_accum``:
+    micro-batches per optimizer step (8 x (1 adversarial pair + 7 utility rows) = 64 rows);
+    ``stop_after``: debug, exit (with a checkpoint) after this many steps of this process;
+    ``compilation_cache_dir``: persistent XLA cache (``""`` = off). The continuous attack runs
+    for all micro-batches of a step in one batched call (``attack_batching="step"``).
+    """
+
+    model: str = ""  # a local HF directory or hub id (downloaded only because the user named it)
+    tiny_model: TinyModelSpec | None = None
+    dtype: str = "bfloat16"
+    remat: bool = True
+    system_prompt: str | None = None  # None: the chat template's default
+    seed: int = 42
+    steps: int | None = None  # total optimizer steps; None = epochs x micro-batches / grad_accum
+    epochs: int = 2
+    grad_accum: int = 8
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 1
+    stop_after: int | None = None
+    log_every: int = 1
+    compilation_cache_dir: str = ""
+    mesh: MeshConfig = config_types.field(MeshConfig(), exclude=("rules",))
+    lora: LoraSpec = LoraSpec()
+    optim: OptimConfig = config_types.field(
+        OptimConfig(), rename={"eps": "adam_epsilon", "schedule": "lr_scheduler_type"}
+    )
+    step: StepConfig = config_types.field(StepConfig(), inline=True, exclude=("pmap_axis_name",))
+    batch: BatchLayout = config_types.field(
+        BatchLayout(adv_overflow="skip", util_overflow="skip"),
+        rename={"max_len_util": "max_len"},
+        exclude=("pad_id", "adv_overflow", "util_overflow"),
+    )
+    data: DataSpec = DataSpec()
+    discrete: DiscreteSpec = dataclasses.field(default_factory=DiscreteSpec)
+
+    @property
+    def variant(self) -> str:
+        return self.step.variant
+
+
+def check_run(cfg: RunConfig) -> None:
+    """Run-level checks (across blocks; ``RunConfig()`` alone has no model yet)."""
+    if cfg.tiny_model is None and not cfg.model.strip():
         raise ValueError("config.model is empty; pass --config.model=DIR (or a hub id)")
     for name in ("epochs", "grad_accum", "checkpoint_every", "log_every", "keep_checkpoints"):
-        if int(c.get(name, 1)) < 1:
-            raise ValueError(f"config.{name} must be >= 1; got {c.get(name)}")
-    if int(c["steps"]) < 0 or int(c.get("stop_after", 0)) < 0:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"config.{name} must be >= 1; got {getattr(cfg, name)}")
+    if (cfg.steps or 0) < 0 or (cfg.stop_after or 0) < 0:
         raise ValueError("config.steps and config.stop_after must be >= 0 (0 = not set)")
-    m = c["mesh"]
-    mesh = MeshConfig(data=int(m["data"]), fsdp=int(m["fsdp"]), tensor=int(m["tensor"]))
-    lo = c["lora"]
-    lora = LoraConfig.make(r=lo["r"], alpha=lo["alpha"], dropout=lo["dropout"],
-                           targets=lo["targets"])  # fmt: skip
-    o = c["optim"]
-    optim = OptimConfig(
-        learning_rate=float(o["learning_rate"]),
-        b1=float(o["b1"]),
-        b2=float(o["b2"]),
-        eps=float(o["adam_epsilon"]),
-        weight_decay=float(o["weight_decay"]),
-        max_grad_norm=float(o["max_grad_norm"]),
-        warmup_ratio=float(o["warmup_ratio"]),
-        schedule=str(o["lr_scheduler_type"]),
-    )
-    a = c["attack"]
-    attack = ContinuousAttackConfig(
-        eps=float(a["eps"]),
-        iters=int(a["iters"]),
-        lr=float(a["lr"]),
-        optimizer=str(a["optimizer"]),
-        relative_lr=bool(a["relative_lr"]),
-        init=str(a["init"]),
-        best_iterate=bool(a["best_iterate"]),
-        dropout=bool(a["dropout"]),
-        max_targets=_opt_int(a.get("max_targets")),
-    )
-    lc = c["loss"]
-    loss = LossConfig(**{k: (str(v) if k == "away_loss_type" else float(v)) for k, v in lc.items()})
-    step = StepConfig(
-        variant=variant,
-        attack=attack,
-        loss=loss,
-        train_dropout=bool(c.get("train_dropout", True)),
-        adv_max_targets=_opt_int(c.get("adv_max_targets")),
-        attack_batching=str(c.get("attack_batching", "step")),
-    )
-    b = c["batch"]
-    layout = BatchLayout(
-        adv_slots=int(b["adv_slots"]),
-        util_slots=int(b["util_slots"]),
-        max_len_adv=int(b["max_len_adv"]),
-        max_len_util=int(b["max_len"]),
-        composition=str(b["composition"]),
-        micro_batch_size=_opt_int(b.get("micro_batch_size")),
-        adv_overflow="skip",
-        util_overflow="skip",
-    )
-    d = c["data"]
-    data = DataSpec(
-        source=str(d["source"]),
-        behaviors=str(d["behaviors"]),
-        targets=str(d["targets"]),
-        safe_responses=str(d["safe_responses"]),
-        refusal=str(d["refusal"]),
-        split=str(d["split"]),
-        utility=str(d["utility"]),
-        utility_split=str(d["utility_split"]),
-        utility_limit=_opt_int(d["utility_limit"]),
-        max_first_user_chars=_opt_int(d["max_first_user_chars"]),
-        utility_train_on=str(d["utility_train_on"]),
-        adv_probability=float(d["adv_probability"]),
-        interleave_seed=int(d["interleave_seed"]),
-        synthetic_seed=int(d.get("synthetic_seed", 0)),
-    )
-    if data.source not in DATA_SOURCES:
-        raise ValueError(f"config.data.source={data.source!r} unknown; use one of {DATA_SOURCES}")
-    if data.source == "harmbench" and not (data.behaviors and data.targets):
-        raise ValueError("config.data.behaviors and config.data.targets are required for harmbench")
-    ds = c["discrete"]
-    discrete = DiscreteSpec(
-        schedule=str(ds["schedule"]),
-        technique_per=str(ds["technique_per"]),
-        pap_pool=str(ds["pap_pool"]),
-        num_techniques=int(ds["num_techniques"]),
-        template_n_per_technique=int(ds.get("template_n_per_technique", 2)),
-        gcg=_gcg(ds["gcg"]),
-    )
-    if discrete.technique_per not in TECHNIQUE_PER:
+    schedule = cfg.discrete.schedule
+    if cfg.variant in NO_DISCRETE_VARIANTS and schedule.lower() not in ("none", "continuous"):
         raise ValueError(
-            f"config.discrete.technique_per={discrete.technique_per!r}; use one of {TECHNIQUE_PER}"
+            f"variant {cfg.variant!r} runs no discrete attack but discrete.schedule="
+            f"{schedule!r}; set --config.discrete.schedule=none"
         )
-    if not 1 <= discrete.num_techniques <= 40:
-        raise ValueError(f"config.discrete.num_techniques must be in [1, 40]; got "
-                         f"{discrete.num_techniques}")  # fmt: skip
-    if variant in NO_DISCRETE_VARIANTS and discrete.schedule.lower() not in ("none", "continuous"):
-        raise ValueError(
-            f"variant {variant!r} runs no discrete attack but discrete.schedule="
-            f"{discrete.schedule!r}; set --config.discrete.schedule=none"
-        )
-    return RunConfig(
-        model=str(c["model"]),
-        tiny=tiny,
-        dtype=str(c.get("dtype", "bfloat16")),
-        remat=bool(c.get("remat", False)),
-        system_prompt=_opt_str(c.get("system_prompt")),
-        variant=variant,
-        seed=int(c["seed"]),
-        steps=_opt_int(c["steps"]),
-        epochs=int(c["epochs"]),
-        grad_accum=int(c["grad_accum"]),
-        checkpoint_every=int(c["checkpoint_every"]),
-        keep_checkpoints=int(c["keep_checkpoints"]),
-        stop_after=_opt_int(c.get("stop_after")),
-        log_every=int(c["log_every"]),
-        compilation_cache_dir=str(c.get("compilation_cache_dir", "")),
-        mesh=mesh,
-        lora=lora,
-        optim=optim,
-        step=step,
-        layout=layout,
-        data=data,
-        discrete=discrete,
-    )
+
+
+def from_config_dict(c: Any) -> RunConfig:
+    """Validated frozen RunConfig from a ConfigDict (or nested plain dict) of configs/*.py."""
+    cfg = config_types.from_config_dict(RunConfig, c)
+    check_run(cfg)
+    return cfg
 
 
 def resume_view(config: Mapping[str, Any]) -> dict[str, Any]:

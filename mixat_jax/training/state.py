@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mixat_jax import lora as lora_lib
 from mixat_jax import mesh as mesh_lib
-from mixat_jax.attacks.continuous import mean_embedding_norm
+from mixat_jax.objectives import mean_embedding_norm
 
 
 @struct.dataclass

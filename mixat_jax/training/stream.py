@@ -22,13 +22,12 @@ from mixat_jax.training import data as data_lib
 from mixat_jax.training.batches import BatchLayout, ComposedMicroBatch, compose_epoch
 from mixat_jax.training.data import AdvRow, Row, UtilityRow
 from mixat_jax.training.run_config import DataSpec
+from mixat_jax.training.synthetic import safety_world
 
 
 def load_rows(spec: DataSpec) -> tuple[list[AdvRow], list[UtilityRow]]:
     """(adversarial rows, utility rows) of the configured sources; one-line ValueError if bad."""
     if spec.source == "synthetic":
-        from mixat_jax.training.synthetic import safety_world
-
         world = safety_world(spec.synthetic_seed)
         return list(world["train_adv"]), list(world["train_util"])
     adv = data_lib.load_adv_rows(

@@ -1,4 +1,4 @@
-"""Harmful-behaviour records and loaders for robustness evaluation.
+"""Behaviour records and the readers of behaviour / target / prompt files (layer 0: no model).
 
 Implements the behaviour sets of HarmBench (Mazeika et al. 2024, `harmbench_behaviors_text_*.csv`,
 `adv_training_behaviors.csv`, `*_targets*.json`) and the MixAT evaluation protocol (MixAT paper
@@ -7,6 +7,11 @@ Implements the behaviour sets of HarmBench (Mazeika et al. 2024, `harmbench_beha
 JailbreakBench / AdvBench (`goal`), StrongREJECT (`forbidden_prompt`) and plain `prompt` CSVs
 (schema detected from the header), a Hugging Face `datasets` id (imported lazily), and the
 XSTest v2 prompt file (Röttger et al. 2024) used for the over-refusal utility check.
+`read_table` is the generic row reader (local .csv/.json/.jsonl/.parquet or a `datasets` id)
+shared by the training data (spec mixat.md §2) and the offline PAP pool (§6.3).
+
+Attacks, judges, training and evaluation all read these records; nothing here imports the rest
+of the package.
 """
 
 from __future__ import annotations
@@ -175,7 +180,7 @@ def _rows_to_behaviors(
 # ----------------------------------------------------------------------------------- loaders
 
 
-def _read_table(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+def _rows_and_header(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         with path.open(newline="", encoding="utf-8") as f:
@@ -283,7 +288,7 @@ def load_behaviors(
         raise ValueError(f"limit must be a positive integer or None, got {limit}")
     path = Path(source)
     if path.is_file():
-        rows, header = _read_table(path)
+        rows, header = _rows_and_header(path)
         behaviors = _rows_to_behaviors(rows, header, str(path), path.stem)
     elif isinstance(source, str) and _looks_like_dataset_id(source):
         behaviors = _load_from_hub(source, split=split, dataset_config=dataset_config)
@@ -346,7 +351,7 @@ def load_xstest(path: str | Path) -> XSTestPrompts:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"XSTest file not found: {p}; pass the path of xstest_v2_prompts.csv")
-    rows, header = _read_table(p)
+    rows, header = _rows_and_header(p)
     cols = {_norm(c) for c in header}
     for required in ("prompt", "type"):
         if required not in cols:
@@ -366,3 +371,61 @@ def load_xstest(path: str | Path) -> XSTestPrompts:
         is_unsafe = label == "unsafe" if label else item.type.startswith("contrast")
         (unsafe if is_unsafe else safe).append(item)
     return XSTestPrompts(safe=tuple(safe), unsafe=tuple(unsafe))
+
+
+# ------------------------------------------------------------------------------ generic tables
+
+TABLE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
+
+
+def is_local_table(source: str | Path) -> bool:
+    """True if `source` names a local file (existing, or with a table suffix), not a dataset id."""
+    p = Path(source)
+    return p.exists() or p.suffix.lower() in TABLE_SUFFIXES
+
+
+def _read_local_table(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        raise ValueError(f"data file {str(path)!r} does not exist; pass an existing path")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with path.open(encoding="utf-8", errors="replace", newline="") as f:
+            return list(csv.DictReader(f))
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if suffix == ".json":
+        with path.open(encoding="utf-8") as f:
+            obj = json.load(f)
+        if isinstance(obj, list):
+            return obj
+        raise ValueError(
+            f"{str(path)!r} holds a JSON {type(obj).__name__}, expected a list of records; "
+            "use a JSON list or JSONL file"
+        )
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq  # lazy: optional, only for .parquet files
+
+        return pq.read_table(path).to_pylist()
+    raise ValueError(
+        f"unsupported data file type {suffix!r} for {str(path)!r}; use .csv, .json, .jsonl "
+        "or .parquet"
+    )
+
+
+def _read_hub_table(dataset_id: str, split: str) -> list[dict[str, Any]]:
+    try:
+        import datasets  # lazy: only when the source is a dataset id
+    except ImportError as e:  # pragma: no cover - datasets is a declared dependency
+        raise ValueError(
+            f"loading dataset id {dataset_id!r} needs the `datasets` package; install it or pass "
+            "a local file"
+        ) from e
+    return list(datasets.load_dataset(dataset_id, split=split))
+
+
+def read_table(source: str | Path, split: str = "train") -> list[dict[str, Any]]:
+    """Rows (dicts) of a local .csv/.json/.jsonl/.parquet file or of a HF dataset id's split."""
+    if is_local_table(source):
+        return _read_local_table(Path(source))
+    return _read_hub_table(str(source), split)
