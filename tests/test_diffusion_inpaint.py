@@ -5,6 +5,7 @@ known token, one-line errors. The CLI is tested in test_diffusion_inpaint_cli.""
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from mixat_jax.diffusion.inpaint import InpaintedPrompt, build_canvas, inpaint_prompts
 from mixat_jax.diffusion.sampler import sample_jitted
@@ -67,11 +68,16 @@ def test_inpaint_seeds_shapes_and_suppression(model, tok):
     assert len({s.token_ids for samples in a for s in samples}) > 3
 
 
-def test_mesh_equals_single_device(model, tok):
+def test_mesh_equals_single_device(tok):
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
-    # batches of 4 rows over data=2 x fsdp=2: the shapes of the test above (no new compile for
-    # the single-device run)
+    # Two different programs (sharded vs not): token equality holds unless two candidates' scores
+    # tie to within fp32 rounding, which a random 32-token model with small weights does at some
+    # seeds (equal confidences at step 0). Weights scaled ×6 give peaked logits without ties, so
+    # the comparison is exact on any CPU.
+    model = tiny_diffusion_model(vocab_size=32)
+    state = nnx.state(model)
+    nnx.update(model, jax.tree.map(lambda x: x * 6.0, state))
     kw = dict(prompt_length=5, num_samples=2, batch_size=4, seed=3)
     single = inpaint_prompts(model, tok, RESPONSES + ["ace"], **kw)
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=1), devices=jax.devices()[:4])

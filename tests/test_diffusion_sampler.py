@@ -1,7 +1,9 @@
 """The scanned masked-diffusion sampler loop (DAT spec §5.3–§5.5) over cheap logits functions:
 invariants of every remasking mode, blocks in order, jit == eager, T = 0 determinism, CFG, AAPL
 global remasking and conditioning dropout, rank top-k vs NumPy, oracle marginals, Dream's shift,
-fp64 Gumbel. The `Decoder`-backed API (sharding, compiles, errors) is in test_diffusion_sample_api."""
+fp64 Gumbel; and the LM head restricted to the fill positions ([B, T, V]) reproduces the full-canvas
+sampler exactly (every mode, blocks, CFG, dropout, global remasking, Dream shift, fp64 noise). The
+`Decoder`-backed API (sharding, compiles, errors) is in test_diffusion_sample_api."""
 
 import jax
 import jax.numpy as jnp
@@ -9,12 +11,18 @@ import numpy as np
 import pytest
 
 from mixat_jax.diffusion import sampler as sampler_lib
-from mixat_jax.diffusion.denoiser import align_logits
+from mixat_jax.diffusion.denoiser import align_logits, at_positions
 from mixat_jax.diffusion.ranks import top_k_mask
 from mixat_jax.diffusion.sampler import SamplerConfig, denoise
 from tests.diffusion_helpers import CANVAS_MASK as M
 from tests.diffusion_helpers import CANVAS_V as V
-from tests.diffusion_helpers import check_invariants, make_canvas, schedule_reference
+from tests.diffusion_helpers import (
+    check_invariants,
+    full_canvas_denoise,
+    make_canvas,
+    max_fill,
+    schedule_reference,
+)
 
 SUPPRESS = (1, 2)
 FAST = {"xla_backend_optimization_level": 0}  # quick XLA:CPU compiles, same numerics
@@ -22,22 +30,35 @@ _W_VxV = jax.random.normal(jax.random.key(0), (V, V))
 _POS_LxV = jax.random.normal(jax.random.key(1), (32, V))
 
 
-def mixer(canvas_BxL, attn_BxL):
-    """A cheap context-dependent stand-in for a model: position table + a pooled-canvas term."""
+def mixer(canvas_BxL, attn_BxL, positions_BxT=None):
+    """A cheap context-dependent stand-in for a model: position table + a pooled-canvas term, over
+    the whole canvas or (computed only there) at `positions_BxT`."""
     one_hot = jax.nn.one_hot(canvas_BxL, V) * attn_BxL[..., None]
     context_BxV = one_hot.mean(1) @ _W_VxV
-    return _POS_LxV[None, : canvas_BxL.shape[1]] + 4.0 * context_BxV[:, None, :]
+    table = (
+        _POS_LxV[None, : canvas_BxL.shape[1]] if positions_BxT is None else _POS_LxV[positions_BxT]
+    )
+    return table + 4.0 * context_BxV[:, None, :]
+
+
+def mixer_full(canvas_BxL, attn_BxL):
+    return mixer(canvas_BxL, attn_BxL)
 
 
 _COMPILED = {}
 
 
-def run(logits_fn, canvas, attn, editable, key, *, cfg):
-    """`denoise` jitted (compiled once per logits_fn, cfg and shape, with FAST options)."""
-    sig = (logits_fn, cfg, np.shape(canvas), jax.config.jax_enable_x64)
+def run(logits_fn, canvas, attn, editable, key, *, cfg, fill_width="tight", fn=denoise):
+    """`denoise` (or `fn`) jitted, compiled once per logits_fn, cfg, width and shape with FAST
+    options; `fill_width="tight"` = the largest fill count of the batch (what `sample` uses)."""
+    kw = {}
+    if fn is denoise:
+        tight = max_fill(canvas, attn, editable, cfg.mask_token_id)
+        kw["fill_width"] = tight if fill_width == "tight" else fill_width
+    sig = (fn, logits_fn, cfg, np.shape(canvas), jax.config.jax_enable_x64, *kw.values())
     if sig not in _COMPILED:
-        jitted = jax.jit(denoise, static_argnames=("logits_fn", "cfg"))
-        lowered = jitted.lower(logits_fn, canvas, attn, editable, key, cfg=cfg)
+        jitted = jax.jit(fn, static_argnames=("logits_fn", "cfg", *kw))
+        lowered = jitted.lower(logits_fn, canvas, attn, editable, key, cfg=cfg, **kw)
         _COMPILED[sig] = lowered.compile(FAST)
     return _COMPILED[sig](canvas, attn, editable, key)
 
@@ -67,9 +88,9 @@ def test_blocks_fill_in_order_and_jit_equals_eager():
     )
     seen = []
 
-    def recording(x, a):
+    def recording(x, a, positions):
         seen.append(np.asarray(x))
-        return mixer(x, a)
+        return mixer(x, a, positions)
 
     with jax.disable_jit():
         eager = denoise(recording, canvas, attn, editable, jax.random.key(0), cfg=cfg)
@@ -166,9 +187,11 @@ def oracle(table_LxV, shift=False):
     if shift:
         t = jnp.concatenate([t[1:], t[:1]])
 
-    def logits_fn(canvas_BxL, attn_BxL):
+    def logits_fn(canvas_BxL, attn_BxL, positions_BxT=None):
         # "+ 0 · canvas" keeps XLA from constant-folding the broadcast table (slow compiles)
-        return t[None] + 0.0 * canvas_BxL[..., None].astype(jnp.float32)
+        if positions_BxT is None:
+            return t[None] + 0.0 * canvas_BxL[..., None].astype(jnp.float32)
+        return t[positions_BxT] + 0.0 * positions_BxT[..., None].astype(jnp.float32)
 
     return logits_fn
 
@@ -238,3 +261,151 @@ def test_fp64_gumbel():
     with jax.enable_x64(True):
         out = run(mixer, canvas, attn, editable, jax.random.key(0), cfg=cfg)
         check_invariants(out, canvas, attn, editable, cfg)
+
+
+# ------------------------------------------------------------------------ [B, T, V] == [B, L, V]
+def with_bos(canvas, attn, editable, bos=5):
+    """Dream canvases: a known first token before every row."""
+    b = canvas.shape[0]
+    return (
+        np.concatenate([np.full((b, 1), bos, np.int32), canvas], 1),
+        np.concatenate([np.ones((b, 1), bool), attn], 1),
+        np.concatenate([np.zeros((b, 1), bool), editable], 1),
+    )
+
+
+_C = {"mask_token_id": M, "suppress_ids": SUPPRESS}
+EQUIVALENCE = {
+    **{
+        f"{mode}_t1_blocks_dropout": (
+            make_canvas(),
+            SamplerConfig(
+                **_C, steps=6, num_blocks=2, temperature=1.0, remasking=mode, cond_dropout=True
+            ),
+        )
+        for mode in sampler_lib.REMASKING_MODES
+    },
+    "aapl_t0_global_remask": (
+        make_canvas(),
+        SamplerConfig(
+            mask_token_id=M,
+            steps=12,
+            global_remask_every=4,
+            global_remask_count=2,
+            cond_dropout=True,
+        ),
+    ),  # fmt: skip
+    "cfg_margin_t07_dropout": (
+        make_canvas(),
+        SamplerConfig(
+            **_C, steps=7, cfg_scale=1.5, temperature=0.7, remasking="margin", cond_dropout=True
+        ),
+    ),
+    "entropy_t1_global_remask_blocks": (
+        make_canvas(),
+        SamplerConfig(
+            **_C,
+            steps=12,
+            num_blocks=2,
+            temperature=1.0,
+            remasking="entropy",
+            global_remask_every=3,
+            global_remask_count=3,
+            cond_dropout=True,
+        ),
+    ),  # fmt: skip
+    "dream_shift_cfg_blocks_t1": (
+        with_bos(*make_canvas(l=15)),
+        SamplerConfig(
+            **_C, steps=8, num_blocks=2, temperature=1.0, shift_logits=True, cfg_scale=2.0
+        ),
+    ),
+    "dream_shift_origin_dropout": (
+        with_bos(*make_canvas(l=15)),
+        SamplerConfig(
+            **_C,
+            steps=8,
+            remasking="origin",
+            temperature=0.5,
+            shift_logits=True,
+            cond_dropout=True,
+        ),
+    ),  # fmt: skip
+}
+
+
+def assert_same(got, ref):
+    np.testing.assert_array_equal(np.asarray(got.canvas_BxL), np.asarray(ref.canvas_BxL))
+    np.testing.assert_array_equal(np.asarray(got.revealed_SxB), np.asarray(ref.revealed_SxB))
+    np.testing.assert_allclose(np.asarray(got.logp_B), np.asarray(ref.logp_B), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(EQUIVALENCE))
+def test_fill_positions_equal_full_canvas_sampler(name):
+    """The sampler with the LM head, noise, softmax and ranks at the T fill positions only gives
+    the canvases, reveal counts and path log-probabilities of the full-canvas [B, L, V] sampler
+    (`full_canvas_denoise`, the code before the restriction), with the same keys."""
+    (canvas, attn, editable), cfg = EQUIVALENCE[name]
+    assert max_fill(canvas, attn, editable, M) < canvas.shape[1]  # T < L: a real restriction
+    for seed in (0, 1):
+        key = jax.random.key(seed)
+        ref = run(mixer_full, canvas, attn, editable, key, cfg=cfg, fn=full_canvas_denoise)
+        got = run(mixer, canvas, attn, editable, key, cfg=cfg)
+        assert_same(got, ref)
+    # full logits gathered at the positions (T = L, padded slots included): the same again
+    wide = run(at_positions(mixer_full), canvas, attn, editable, key, cfg=cfg, fill_width=None)
+    assert_same(wide, ref)
+
+
+def test_fill_positions_equal_full_canvas_fp64_gumbel():
+    canvas, attn, editable = make_canvas()
+    cfg = SamplerConfig(**_C, steps=7, temperature=1.0, gumbel_dtype="float64")
+    with jax.enable_x64(True):
+        ref = run(mixer_full, canvas, attn, editable, jax.random.key(2), cfg=cfg,
+                  fn=full_canvas_denoise)  # fmt: skip
+        assert_same(run(mixer, canvas, attn, editable, jax.random.key(2), cfg=cfg), ref)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gumbel_at_is_the_full_draw_at_the_positions(dtype):
+    """`gumbel_at` computes only the [B, T, V] entries, bit-identical to `jax.random.gumbel` over
+    [B, L, V] gathered there (typed and raw keys, eager and jitted)."""
+    b, l, v = 3, 9, 37
+    pos = jnp.asarray(np.random.RandomState(0).randint(0, l, (b, 5)), jnp.int32)
+    with jax.enable_x64(dtype == "float64"):
+        for key in (jax.random.key(3), jax.random.PRNGKey(4)):
+            assert sampler_lib.counter_gumbel_exact(key)
+            full = jax.random.gumbel(key, (b, l, v), jnp.dtype(dtype))
+            want = np.asarray(jnp.take_along_axis(full, pos[..., None], axis=1))
+            np.testing.assert_array_equal(
+                np.asarray(sampler_lib.gumbel_at(key, l, v, pos, dtype)), want
+            )
+            jitted = jax.jit(sampler_lib.gumbel_at, static_argnums=(1, 2, 4))
+            np.testing.assert_array_equal(np.asarray(jitted(key, l, v, pos, dtype)), want)
+
+
+def test_wide_counter_arithmetic():
+    """The 64-bit flat index row · V + v from uint32 words (B·L·V may exceed 2**32 at 8B)."""
+    rng = np.random.RandomState(0)
+    x = rng.randint(0, 2**32, 500, dtype=np.uint64)
+    y = rng.randint(0, 2**32, 500, dtype=np.uint64)
+    for c in (0, 1, 65535, 65536, 126464, 151936, 2**32 - 1):
+        hi, lo = sampler_lib.mul_add_u32(
+            jnp.asarray(x.astype(np.uint32)), c, jnp.asarray(y.astype(np.uint32))
+        )
+        got = [(int(h) << 32) | int(w) for h, w in zip(np.asarray(hi), np.asarray(lo), strict=True)]
+        want = [(int(a) * c + int(d)) % 2**64 for a, d in zip(x, y, strict=True)]
+        assert got == want, c
+
+
+def test_fill_positions_layout():
+    fill = jnp.asarray([[0, 1, 1, 0, 1], [1, 0, 0, 0, 0], [0, 0, 0, 1, 1]], bool)
+    pos, valid, slot = sampler_lib.fill_positions(fill, 3)
+    np.testing.assert_array_equal(pos, [[1, 2, 4], [0, 1, 2], [3, 4, 0]])
+    np.testing.assert_array_equal(valid, [[1, 1, 1], [1, 0, 0], [1, 1, 0]])
+    back = sampler_lib.scatter_back(pos, slot)
+    np.testing.assert_array_equal(np.where(fill, back, -1), np.where(fill, np.arange(5), -1))
+    with pytest.raises(ValueError, match="fill_width=17 must be in"):
+        canvas, attn, editable = make_canvas()
+        denoise(mixer, canvas, attn, editable, jax.random.key(0),
+                cfg=SamplerConfig(mask_token_id=M), fill_width=17)  # fmt: skip

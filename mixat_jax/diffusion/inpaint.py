@@ -8,7 +8,8 @@ first canvas token must be known. Rows (responses × samples) are right-padded w
 (≠ [MASK]) to one canvas length (P + the longest answer, rounded up to a multiple of 16 and
 capped at `max_position_embeddings`) and cut into batches of one fixed size (the last batch is
 filled with copies of its last row), so `sample` compiles once per call. The editable span is the
-mask block; the P inpainted tokens are decoded without special tokens and stripped.
+mask block (the sampler's LM head runs only at its P positions: `fill_width=P`); the P inpainted
+tokens are decoded without special tokens and stripped.
 
 Default sampler (`default_sampler`) = the Lüdke/AAPL settings (§5.4): steps = P, T = 0,
 low-confidence remasking, conditioning dropout, global remasking every 8 steps. The tokenizer's
@@ -187,6 +188,7 @@ def inpaint_prompts(
             batch["editable"],
             jax.random.fold_in(key, n_batch),
             cfg=sampler,
+            fill_width=prompt_length,  # every row fills the P masks: one compile, LM head at P
         )
         filled = np.asarray(result.canvas_BxL)[:, start : start + prompt_length]
         logp = np.asarray(result.logp_B)

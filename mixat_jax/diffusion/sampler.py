@@ -3,7 +3,21 @@
 `sample(graphdef, state, canvas_BxL, attn_mask_BxL, editable_BxL, key, *, cfg)` fills every
 [MASK] of the editable span; `denoise(logits_fn, ...)` is the same loop over any `LogitsFn` (the
 oracle models of the tests). Carry = (canvas, key, per-position path log-prob); scanned over the
-`steps` steps; per step:
+`steps` steps.
+
+Only the positions to fill (the editable [MASK]s, "fill" below) can ever be revealed, so the model
+reads the whole [B, L] canvas but the LM head and everything vocabulary-sized after it (CFG
+combination, suppression, Gumbel noise, softmax, confidence, log-probs) run on [B, T, V] at
+`positions_BxT`: each row's fill positions in ascending order, padded (validity mask `valid_BxT`)
+to the static width T = `fill_width` (DESIGN.md rule 4; at LLaDA-8B a [256, 96, 126464] fp32
+array is 12 GB). `sample` takes T from the data on the host (the largest fill count of a row;
+inpainting passes P); `denoise` defaults to T = L. Ranks and reveals work on [B, T] and are
+gathered back into the canvas, with the results of the full-canvas computation: the Gumbel noise
+of a position is the noise `jax.random.gumbel(key, (B, L, V))` has there (computed from the
+threefry counters of those entries only), other random draws keep their [B, L] shapes, and the
+stable rank order of the fill positions is the same in both layouts. (Up to fp32 rounding: XLA
+may round a norm or softmax reduction differently for another array shape, so two candidates
+whose confidences tie to the last bit can be revealed in the other order.) Per step:
 
 1. block `blk = s // spb` (spb = steps / num_blocks; the editable span of each row is cut into
    `num_blocks` near-equal consecutive blocks) and its reveal count from the schedule:
@@ -14,10 +28,12 @@ oracle models of the tests). Carry = (canvas, key, per-position path log-prob); 
 3. AAPL conditioning dropout (§5.4, off by default): r ~ U{1..L} random canvas positions are
    drawn per row, and the known conditioning tokens among them are [MASK]ed in the model input
    only;
-4. logits of the input (Dream's shift realigned, §5.2); with CFG (w = `cfg_scale` ≠ 0) one batched
-   call also scores the input with the conditioning (non-editable known tokens) → [MASK] and
-   combines `uncond + (w + 1)(cond − uncond)` (LLaDA's unsupervised CFG); `suppress_ids` and the
-   [MASK] id itself get −inf;
+4. logits of the input at the fill positions (Dream's shift realigned, §5.2: position p reads the
+   raw logits at p − 1; the first canvas position is never a [MASK] to fill); with CFG
+   (w = `cfg_scale` ≠ 0) one batched call also scores the input with the conditioning
+   (non-editable known tokens) → [MASK] and
+   combines `uncond + (w + 1)(cond − uncond)` (LLaDA's unsupervised CFG; both passes see the full
+   canvas, only their outputs are gathered); `suppress_ids` and the [MASK] id itself get −inf;
 5. x0 = argmax(logits) at T = 0, else argmax(logits / T + Gumbel) with the noise in fp32 (or
    fp64 with `jax_enable_x64`, as LLaDA; arXiv 2409.02908);
 6. confidence (low_confidence: p(x0); random: U(0, 1); entropy: −H(p); margin: p1 − p2), −inf
@@ -43,8 +59,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.extend.random import threefry2x32_p
 
-from mixat_jax.diffusion.denoiser import LogitsFn, align_logits, decoder_logits_fn
+from mixat_jax.diffusion.denoiser import (
+    LogitsFn,
+    align_logits,
+    decoder_logits_fn,
+    gather_positions,
+    source_positions,
+)
 from mixat_jax.diffusion.ranks import random_ranks, top_k_mask
 
 REMASKING_MODES = ("low_confidence", "random", "entropy", "margin", "origin")
@@ -138,6 +161,95 @@ def reveal_schedule(fill_BxL: jax.Array, block_BxL: jax.Array, cfg: SamplerConfi
     return (n_SxB // spb + (s_loc_S[:, None] < n_SxB % spb)).astype(jnp.int32)
 
 
+# ----------------------------------------------------------------------------- fill positions
+def fill_positions(fill_BxL: jax.Array, width: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(positions_BxT, valid_BxT, slot_BxL) for T = `width`: each row's fill positions ascending
+    (padded with its other positions, valid = False there), and the slot of each fill position
+    (its index in positions_BxT; values at fill positions of slot >= T are never written)."""
+    order_BxL = jnp.argsort(~fill_BxL, axis=-1, stable=True)  # fill positions first, ascending
+    positions_BxT = order_BxL[:, :width].astype(jnp.int32)
+    valid_BxT = jnp.arange(width) < fill_BxL.sum(-1, keepdims=True)
+    slot_BxL = jnp.cumsum(fill_BxL, axis=-1, dtype=jnp.int32) - 1
+    return positions_BxT, valid_BxT, slot_BxL
+
+
+def scatter_back(values_BxT: jax.Array, slot_BxL: jax.Array) -> jax.Array:
+    """The [B, T] values at their canvas positions ([B, L]; only the fill positions are
+    meaningful): a gather through the slots, no scatter."""
+    return jnp.take_along_axis(values_BxT, jnp.clip(slot_BxL, 0, values_BxT.shape[1] - 1), axis=1)
+
+
+# ----------------------------------------------------------------------------- Gumbel at positions
+def mul_add_u32(x: jax.Array, c: int, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The (high, low) uint32 words of x · c + y (x, y uint32, 0 <= c < 2**32), with no 64-bit ints
+    (the 64-bit flat index of an entry without jax_enable_x64)."""
+    u32 = jnp.uint32
+    x, y = x.astype(u32), y.astype(u32)
+    cl, ch = np.uint32(c & 0xFFFF), np.uint32(c >> 16)
+    xl, xh = x & np.uint32(0xFFFF), x >> np.uint32(16)
+    ll, lh, hl, hh = xl * cl, xl * ch, xh * cl, xh * ch
+    mid = lh + hl
+    mid_carry = (mid < lh).astype(u32)
+    lo = ll + (mid << np.uint32(16))
+    hi = hh + (mid >> np.uint32(16)) + (mid_carry << np.uint32(16)) + (lo < ll).astype(u32)
+    lo_y = lo + y
+    return hi + (lo_y < lo).astype(u32), lo_y
+
+
+def _typed_key(key: jax.Array) -> jax.Array:
+    return key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
+
+
+def counter_gumbel_exact(key: jax.Array) -> bool:
+    """Whether `gumbel_at` can compute only the entries it needs (threefry keys, partitionable
+    counters, low-range Gumbel: each entry of `jax.random.gumbel` is a function of its index)."""
+    return (
+        str(jax.random.key_impl(_typed_key(key))) == "threefry2x32"
+        and bool(jax.config.jax_threefry_partitionable)
+        and not jax.config.jax_high_dynamic_range_gumbel
+    )
+
+
+def gumbel_at(
+    key: jax.Array, length: int, vocab: int, positions_BxT: jax.Array, dtype: Any
+) -> jax.Array:
+    """`jax.random.gumbel(key, (B, length, vocab), dtype)` gathered at `positions_BxT` ([B, T, V]),
+    without the [B, L, V] draw: the threefry bits of exactly those entries, turned into uniforms
+    and Gumbels by jax.random's own recipe (checked bit for bit in the tests). Falls back to the
+    full draw and a gather for other PRNG settings."""
+    key = _typed_key(key)
+    dt = jnp.dtype(dtype)
+    b = positions_BxT.shape[0]
+    if not counter_gumbel_exact(key):
+        full = jax.random.gumbel(key, (b, length, vocab), dt)
+        return jnp.take_along_axis(full, positions_BxT[..., None], axis=1)
+    if b * length >= 2**32:
+        raise ValueError(f"gumbel_at: B·L = {b * length} needs more than 32 bits")
+    row_BxT = jnp.arange(b, dtype=jnp.uint32)[:, None] * np.uint32(length)
+    row_BxT = row_BxT + positions_BxT.astype(jnp.uint32)
+    shape = (*positions_BxT.shape, vocab)
+    v_BxTxV = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.uint32), shape)
+    hi, lo = mul_add_u32(jnp.broadcast_to(row_BxT[..., None], shape), vocab, v_BxTxV)
+    k1, k2 = jax.random.key_data(key)
+    bits1, bits2 = threefry2x32_p.bind(k1, k2, hi, lo)
+    finfo = jnp.finfo(dt)
+    if finfo.bits == 64:
+        uint = jnp.uint64
+        bits = (bits1.astype(uint) << np.uint64(32)) | bits2.astype(uint)
+    elif finfo.bits == 32:
+        uint = jnp.uint32
+        bits = bits1 ^ bits2
+    else:
+        raise ValueError(f"gumbel_at supports float32 and float64, not {dt}")
+    # jax.random.uniform(minval=tiny, maxval=1): random mantissa with exponent 0, shifted, scaled
+    float_bits = jax.lax.shift_right_logical(bits, jnp.asarray(finfo.bits - finfo.nmant, uint))
+    float_bits = float_bits | jnp.asarray(np.array(1.0, dt).view(uint), uint)
+    floats = jax.lax.bitcast_convert_type(float_bits, dt) - jnp.asarray(1.0, dt)
+    lo_v, hi_v = jnp.asarray(finfo.tiny, dt), jnp.asarray(1.0, dt)
+    u = jax.lax.max(lo_v, floats * (hi_v - lo_v) + lo_v)
+    return -jnp.log(-jnp.log(u))
+
+
 # ----------------------------------------------------------------------------- one step's parts
 def guided_logits(
     logits_fn: LogitsFn,
@@ -145,22 +257,30 @@ def guided_logits(
     attn_BxL: jax.Array,
     cond_BxL: jax.Array,
     cfg: SamplerConfig,
+    positions_BxT: jax.Array | None = None,
 ) -> jax.Array:
-    """Aligned fp32 logits (CFG-combined when cfg_scale ≠ 0), suppressed ids and [MASK] at −inf."""
+    """Aligned fp32 logits (CFG-combined when cfg_scale ≠ 0), suppressed ids and [MASK] at −inf:
+    [B, T, V] at `positions_BxT` (the model reads the whole canvas, the LM head only there), or
+    [B, L, V] over the whole canvas when it is None (`logits_fn` called with two arguments)."""
     b = x_in_BxL.shape[0]
+
+    def aligned(x_BxL, a_BxL, pos_BxT):
+        if pos_BxT is None:
+            return align_logits(logits_fn(x_BxL, a_BxL).astype(jnp.float32), cfg.shift_logits)
+        src_BxT = source_positions(pos_BxT, cfg.shift_logits)
+        return logits_fn(x_BxL, a_BxL, src_BxT).astype(jnp.float32)
+
     if cfg.cfg_scale != 0.0:
         uncond_BxL = jnp.where(cond_BxL, cfg.mask_token_id, x_in_BxL)
-        both = logits_fn(
-            jnp.concatenate([x_in_BxL, uncond_BxL]), jnp.concatenate([attn_BxL, attn_BxL])
+        pos2 = None if positions_BxT is None else jnp.concatenate([positions_BxT, positions_BxT])
+        both = aligned(
+            jnp.concatenate([x_in_BxL, uncond_BxL]), jnp.concatenate([attn_BxL, attn_BxL]), pos2
         )
-        both = align_logits(both.astype(jnp.float32), cfg.shift_logits)
-        logits_BxLxV = combine_cfg(both[:b], both[b:], cfg.cfg_scale)
+        logits_BxTxV = combine_cfg(both[:b], both[b:], cfg.cfg_scale)
     else:
-        logits_BxLxV = align_logits(
-            logits_fn(x_in_BxL, attn_BxL).astype(jnp.float32), cfg.shift_logits
-        )
+        logits_BxTxV = aligned(x_in_BxL, attn_BxL, positions_BxT)
     banned = jnp.asarray(sorted({*cfg.suppress_ids, cfg.mask_token_id}), jnp.int32)
-    return logits_BxLxV.at[..., banned].set(-jnp.inf)
+    return logits_BxTxV.at[..., banned].set(-jnp.inf)
 
 
 def combine_cfg(cond_BxLxV: jax.Array, uncond_BxLxV: jax.Array, w: float) -> jax.Array:
@@ -168,26 +288,39 @@ def combine_cfg(cond_BxLxV: jax.Array, uncond_BxLxV: jax.Array, w: float) -> jax
     return uncond_BxLxV + (w + 1.0) * (cond_BxLxV - uncond_BxLxV)
 
 
-def draw_tokens(logits_BxLxV: jax.Array, key: jax.Array, cfg: SamplerConfig) -> jax.Array:
-    """argmax at T = 0, else the Gumbel-max sample of softmax(logits / T) (fp32 or fp64 noise)."""
+def draw_tokens(
+    logits_BxTxV: jax.Array,
+    key: jax.Array,
+    cfg: SamplerConfig,
+    positions_BxT: jax.Array | None = None,
+    length: int | None = None,
+) -> jax.Array:
+    """argmax at T = 0, else the Gumbel-max sample of softmax(logits / T) (fp32 or fp64 noise).
+    With `positions_BxT` the logits are the canvas's at those positions and the noise is that of
+    a full [B, length, V] draw there (`gumbel_at`)."""
     if cfg.temperature == 0.0:
-        return jnp.argmax(logits_BxLxV, axis=-1).astype(jnp.int32)
+        return jnp.argmax(logits_BxTxV, axis=-1).astype(jnp.int32)
     dt = jnp.dtype(cfg.gumbel_dtype)
-    g = jax.random.gumbel(key, logits_BxLxV.shape, dt)
-    noisy = logits_BxLxV.astype(dt) / jnp.asarray(cfg.temperature, dt) + g
+    if positions_BxT is None:
+        g = jax.random.gumbel(key, logits_BxTxV.shape, dt)
+    else:
+        g = gumbel_at(key, length, logits_BxTxV.shape[-1], positions_BxT, dt)
+    noisy = logits_BxTxV.astype(dt) / jnp.asarray(cfg.temperature, dt) + g
     return jnp.argmax(noisy, axis=-1).astype(jnp.int32)
 
 
-def confidence(logp_BxLxV: jax.Array, logp0_BxL: jax.Array, key: jax.Array, mode: str) -> jax.Array:
+def confidence(
+    logp_BxTxV: jax.Array, logp0_BxT: jax.Array, mode: str, *, uniform_BxT: jax.Array | None = None
+) -> jax.Array:
     """Per-position confidence of the candidate tokens (higher = revealed first), from the
-    log-probabilities (`logp0` = those of the candidates x0)."""
+    log-probabilities (`logp0` = those of the candidates x0); `random` returns `uniform_BxT`."""
     if mode == "random":
-        return jax.random.uniform(key, logp0_BxL.shape)
+        return uniform_BxT
     if mode == "low_confidence":
-        return jnp.exp(logp0_BxL)
-    probs = jnp.exp(logp_BxLxV)
+        return jnp.exp(logp0_BxT)
+    probs = jnp.exp(logp_BxTxV)
     if mode == "entropy":
-        return jnp.sum(jnp.where(probs > 0, probs * logp_BxLxV, 0.0), axis=-1)
+        return jnp.sum(jnp.where(probs > 0, probs * logp_BxTxV, 0.0), axis=-1)
     if mode == "margin":
         top2 = jax.lax.top_k(probs, 2)[0]
         return top2[..., 0] - top2[..., 1]
@@ -203,13 +336,20 @@ def denoise(
     key: jax.Array,
     *,
     cfg: SamplerConfig,
+    fill_width: int | None = None,
 ) -> SampleOutput:
-    """The pure scanned sampler over any `LogitsFn` (jit it with `logits_fn` static)."""
+    """The pure scanned sampler over any `LogitsFn` (jit it with `logits_fn`, `cfg` and
+    `fill_width` static). `logits_fn` is called as `logits_fn(canvas, attn, positions_BxT)`;
+    `fill_width` = T, at least the largest number of [MASK]s to fill in one row (default L; a row
+    with more keeps its excess masks, which `sample` rules out on the host)."""
     mask_id = cfg.mask_token_id
     canvas_BxL = jnp.asarray(canvas_BxL, jnp.int32)
     attn_BxL = jnp.asarray(attn_mask_BxL).astype(bool)
     editable_BxL = jnp.asarray(editable_BxL).astype(bool) & attn_BxL
     b, l = canvas_BxL.shape
+    width = l if fill_width is None else int(fill_width)
+    if not 1 <= width <= l:
+        raise ValueError(f"fill_width={fill_width} must be in [1, L = {l}]")
     spb = cfg.steps_per_block
     fill_BxL = editable_BxL & (canvas_BxL == mask_id)  # the positions this call fills
     block_BxL = block_ids(editable_BxL, cfg.num_blocks)
@@ -217,16 +357,18 @@ def denoise(
     cond_BxL = attn_BxL & ~editable_BxL  # conditioning: CFG's unconditional pass masks it
     known_BxL = cond_BxL & (canvas_BxL != mask_id)  # what conditioning dropout may hide
     t_grid = jnp.linspace(1.0, ORIGIN_EPS, spb + 1)
+    pos_BxT, valid_BxT, slot_BxL = fill_positions(fill_BxL, width)
+    block_BxT = gather_positions(block_BxL, pos_BxT)
+    writable_BxL = fill_BxL & (slot_BxL < width)
 
     def step(carry, xs):
         x_BxL, key, logp_BxL = carry
         s, k_B = xs
         key, key_remask, key_drop_r, key_drop, key_noise, key_conf = jax.random.split(key, 6)
         blk, s_loc = s // spb, s % spb
-        in_block_BxL = block_BxL == blk
         if cfg.global_remask_every:
             fire_B = (k_B == 0) & (s > 0) & (s % cfg.global_remask_every == 0)
-            done_BxL = fill_BxL & in_block_BxL & (x_BxL != mask_id)
+            done_BxL = fill_BxL & (block_BxL == blk) & (x_BxL != mask_id)
             remask_BxL = (
                 (random_ranks(key_remask, done_BxL) < cfg.global_remask_count)
                 & done_BxL
@@ -241,22 +383,27 @@ def denoise(
             everywhere = jnp.ones((b, l), bool)
             drop_BxL = (random_ranks(key_drop, everywhere) < r_B[:, None]) & known_BxL
             x_in_BxL = jnp.where(drop_BxL, mask_id, x_BxL)
-        logits_BxLxV = guided_logits(logits_fn, x_in_BxL, attn_BxL, cond_BxL, cfg)
-        x0_BxL = draw_tokens(logits_BxLxV, key_noise, cfg)
-        logp_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
-        logp0_BxL = jnp.take_along_axis(logp_BxLxV, x0_BxL[..., None], axis=-1)[..., 0]
-        eligible_BxL = fill_BxL & in_block_BxL & (x_BxL == mask_id)
+        logits_BxTxV = guided_logits(logits_fn, x_in_BxL, attn_BxL, cond_BxL, cfg, pos_BxT)
+        x0_BxT = draw_tokens(logits_BxTxV, key_noise, cfg, pos_BxT, l)
+        logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
+        logp0_BxT = jnp.take_along_axis(logp_BxTxV, x0_BxT[..., None], axis=-1)[..., 0]
+        x_BxT = gather_positions(x_BxL, pos_BxT)
+        eligible_BxT = valid_BxT & (block_BxT == blk) & (x_BxT == mask_id)
         if cfg.remasking == "origin":
             p_reveal = 1.0 - t_grid[s_loc + 1] / t_grid[s_loc]
-            coin_BxL = jax.random.uniform(key_conf, (b, l)) < p_reveal
-            reveal_BxL = eligible_BxL & (coin_BxL | (s_loc == spb - 1))
+            coin_BxT = gather_positions(jax.random.uniform(key_conf, (b, l)), pos_BxT) < p_reveal
+            reveal_BxT = eligible_BxT & (coin_BxT | (s_loc == spb - 1))
         else:
-            conf_BxL = confidence(logp_BxLxV, logp0_BxL, key_conf, cfg.remasking)
-            conf_BxL = jnp.where(eligible_BxL, conf_BxL, -jnp.inf)
-            reveal_BxL = top_k_mask(conf_BxL, k_B) & eligible_BxL
-        x_BxL = jnp.where(reveal_BxL, x0_BxL, x_BxL)
-        logp_BxL = jnp.where(reveal_BxL, logp0_BxL, logp_BxL)
-        return (x_BxL, key, logp_BxL), reveal_BxL.sum(-1).astype(jnp.int32)
+            u_BxT = None
+            if cfg.remasking == "random":  # the [B, L] draw, as over the whole canvas
+                u_BxT = gather_positions(jax.random.uniform(key_conf, (b, l)), pos_BxT)
+            conf_BxT = confidence(logp_BxTxV, logp0_BxT, cfg.remasking, uniform_BxT=u_BxT)
+            conf_BxT = jnp.where(eligible_BxT, conf_BxT, -jnp.inf)
+            reveal_BxT = top_k_mask(conf_BxT, k_B) & eligible_BxT
+        reveal_BxL = writable_BxL & scatter_back(reveal_BxT, slot_BxL)
+        x_BxL = jnp.where(reveal_BxL, scatter_back(x0_BxT, slot_BxL), x_BxL)
+        logp_BxL = jnp.where(reveal_BxL, scatter_back(logp0_BxT, slot_BxL), logp_BxL)
+        return (x_BxL, key, logp_BxL), reveal_BxT.sum(-1).astype(jnp.int32)
 
     carry = (canvas_BxL, key, jnp.zeros((b, l), jnp.float32))
     (x_BxL, _, logp_BxL), revealed_SxB = jax.lax.scan(step, carry, (jnp.arange(cfg.steps), k_SxB))
@@ -266,7 +413,7 @@ def denoise(
 
 
 # ----------------------------------------------------------------------------- the model entry
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "fill_width"))
 def sample_jitted(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -276,10 +423,14 @@ def sample_jitted(
     key: jax.Array,
     *,
     cfg: SamplerConfig,
+    fill_width: int | None = None,
 ) -> SampleOutput:
-    """`denoise` over the merged decoder, compiled once per (shapes, graphdef, cfg)."""
+    """`denoise` over the merged decoder (LM head at the T fill positions only), compiled once per
+    (shapes, graphdef, cfg, fill_width)."""
     logits_fn = decoder_logits_fn(graphdef, state)
-    return denoise(logits_fn, canvas_BxL, attn_mask_BxL, editable_BxL, key, cfg=cfg)
+    return denoise(
+        logits_fn, canvas_BxL, attn_mask_BxL, editable_BxL, key, cfg=cfg, fill_width=fill_width
+    )
 
 
 def check_inputs(
@@ -292,8 +443,11 @@ def check_inputs(
     pad_id: int | None = None,
     model_mask_id: int | None = None,
     model_shift_logits: bool | None = None,
-) -> None:
-    """Host-side validation; raises a one-line ValueError naming the problem."""
+    fill_width: int | None = None,
+) -> int | None:
+    """Host-side validation; raises a one-line ValueError naming the problem. Returns the largest
+    number of [MASK]s to fill in one row (the smallest valid `fill_width`), or None when the data
+    are not local (traced, or spread over hosts)."""
     if cfg.gumbel_dtype == "float64" and not jax.config.jax_enable_x64:
         raise ValueError(
             "gumbel_dtype='float64' needs jax_enable_x64 (jax.config.update('jax_enable_x64', True) "
@@ -317,11 +471,14 @@ def check_inputs(
             f"SamplerConfig.shift_logits={cfg.shift_logits} but the model's shift_logits="
             f"{model_shift_logits}; build the config with SamplerConfig.for_model(model.cfg)"
         )
+    length = np.shape(canvas_BxL)[-1]
+    if fill_width is not None and not 1 <= fill_width <= length:
+        raise ValueError(f"fill_width={fill_width} must be in [1, L = {length}]")
     arrays = (canvas_BxL, attn_mask_BxL, editable_BxL)
     if any(isinstance(a, jax.core.Tracer) for a in arrays) or not all(
         a.is_fully_addressable for a in arrays if isinstance(a, jax.Array)
     ):
-        return  # traced in a caller's jit, or spread over hosts: data checks need local values
+        return None  # traced in a caller's jit, or spread over hosts: data checks need local values
     canvas, attn, editable = (np.asarray(a) for a in arrays)
     if canvas.ndim != 2 or attn.shape != canvas.shape or editable.shape != canvas.shape:
         raise ValueError(
@@ -342,6 +499,14 @@ def check_inputs(
                 f"shift_logits: row {int(rows[0])} starts with a [MASK] to fill; the first canvas "
                 "token must be known (put e.g. BOS before the mask block)"
             )
+    counts = fill.sum(-1)
+    if fill_width is not None and counts.max() > fill_width:
+        row = int(np.argmax(counts))
+        raise ValueError(
+            f"row {row} has {int(counts[row])} [MASK]s to fill but fill_width={fill_width}; "
+            "pass a fill_width of at least the largest count (or None)"
+        )
+    return int(counts.max())
 
 
 def sample(
@@ -353,10 +518,14 @@ def sample(
     key: jax.Array,
     *,
     cfg: SamplerConfig,
+    fill_width: int | None = None,
 ) -> SampleOutput:
-    """Fills the [MASK]s of `editable_BxL` with a masked-diffusion `Decoder` (see module doc)."""
+    """Fills the [MASK]s of `editable_BxL` with a masked-diffusion `Decoder` (see module doc).
+    `fill_width` (T, static: one compile per value) defaults to the largest number of [MASK]s to
+    fill in one row, read from the data on the host (L when they are not local); pass it (e.g.
+    the prompt length) to keep one compile across batches whose counts differ."""
     model_cfg = nnx.merge(graphdef, state).cfg
-    check_inputs(
+    most = check_inputs(
         cfg,
         canvas_BxL,
         attn_mask_BxL,
@@ -365,5 +534,17 @@ def sample(
         pad_id=model_cfg.pad_token_id,
         model_mask_id=model_cfg.mask_token_id,
         model_shift_logits=model_cfg.shift_logits,
+        fill_width=fill_width,
     )
-    return sample_jitted(graphdef, state, canvas_BxL, attn_mask_BxL, editable_BxL, key, cfg=cfg)
+    if fill_width is None:
+        fill_width = np.shape(canvas_BxL)[-1] if most is None else most
+    return sample_jitted(
+        graphdef,
+        state,
+        canvas_BxL,
+        attn_mask_BxL,
+        editable_BxL,
+        key,
+        cfg=cfg,
+        fill_width=int(fill_width),
+    )
