@@ -125,8 +125,9 @@ def compile_one(args, model_cfg: ModelConfig, mesh_shape: tuple[int, int, int], 
         )
         t0 = time.perf_counter()
         lowered = sample_jitted.lower(
-            graphdef, state, canvas_BxL, attn_BxL, editable_BxL, key, cfg=sampler
-        )
+            graphdef, state, canvas_BxL, attn_BxL, editable_BxL, key, cfg=sampler,
+            fill_width=args.prompt_len,
+        )  # fmt: skip
         t1 = time.perf_counter()
         compiled = lowered.compile()
         t2 = time.perf_counter()
