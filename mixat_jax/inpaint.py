@@ -44,7 +44,7 @@ def main(argv) -> int:
     from mixat_jax.hf import load as hf_load  # lazy: as above
 
     try:
-        model, tokenizer = hf_load.load_pretrained(FLAGS.model, dtype=FLAGS.dtype)
+        model, tokenizer = hf_load.load_pretrained(FLAGS.model, dtype=FLAGS.dtype, kind="diffusion")
         overrides = {"temperature": FLAGS.temperature}
         if FLAGS.steps is not None:
             overrides["steps"] = FLAGS.steps

@@ -141,7 +141,7 @@ class TextGenerator:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, adapter=None, dtype=None, mesh=None, **kw):
-        model, tok = load_pretrained(path, adapter=adapter, dtype=dtype, mesh=mesh)
+        model, tok = load_pretrained(path, adapter=adapter, dtype=dtype, mesh=mesh, kind="causal")
         return cls(model, tok, **kw)
 
     def refresh(self, model: Decoder | None = None) -> None:

@@ -87,3 +87,23 @@ def test_ctrl_c_saves_checkpoint_and_says_how_to_resume(tmp_path):
     steps = sorted(int(d.name) for d in (workdir / "checkpoints").iterdir() if d.name.isdigit())
     assert steps and 1 <= steps[-1] < 50
     assert f"step {steps[-1]}/50" in final[0]
+
+
+def test_model_of_the_wrong_kind_is_one_line(tmp_path):
+    """A masked-diffusion checkpoint where a causal chat model is needed (generate), and a causal
+    one where an inpainter is needed (inpaint): one line naming the path, status 2, before any
+    weight is read."""
+    from mixat_jax.tiny_model import build_tiny_checkpoint, build_tiny_diffusion_checkpoint
+
+    causal = build_tiny_checkpoint(tmp_path / "causal", vocab_size=512, hidden_size=32)
+    llada = build_tiny_diffusion_checkpoint(tmp_path / "llada", vocab_size=512, hidden_size=32)
+    for args, needle in (
+        (["mixat_jax.generate", f"--model={llada}", "--prompt=hi"], "masked-diffusion"),
+        (["mixat_jax.inpaint", f"--model={causal}", "--response=hi"], "causal LM"),
+    ):
+        proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=_env(),
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr

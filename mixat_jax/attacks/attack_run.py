@@ -99,8 +99,9 @@ def _load(config):
     if jax.device_count() == 1:
         mesh = None
     model, tokenizer = load_pretrained(
-        config.model, dtype=config.dtype or None, adapter=config.adapter or None, mesh=mesh
-    )
+        config.model, dtype=config.dtype or None, adapter=config.adapter or None, mesh=mesh,
+        kind="causal",
+    )  # fmt: skip
     return model, tokenizer, mesh
 
 

@@ -75,7 +75,9 @@ class ModelPool:
         `resolve`), in `helper_dtype`."""
         if self._diffusion is None:
             c = self.res.cfg
-            self._diffusion = load_pretrained(c.diffusion_model, dtype=c.helper_dtype or None)
+            self._diffusion = load_pretrained(
+                c.diffusion_model, dtype=c.helper_dtype or None, kind="diffusion"
+            )
         return self._diffusion
 
     def release(self, keep: Sequence[str] = ()) -> None:

@@ -26,6 +26,7 @@ from mixat_jax.hf import keys
 from mixat_jax.hf.safetensors_io import SafetensorsCheckpoint, SafetensorsFile
 from mixat_jax.models.config import LINEAR_NAMES, LoraConfig, ModelConfig
 from mixat_jax.models.decoder import Decoder
+from mixat_jax.models.diffusion_config import require_causal, require_diffusion
 
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -299,15 +300,24 @@ def load_pretrained(
     mesh: Mesh | None = None,
     rules=mesh_lib.DEFAULT_RULES,
     with_tokenizer: bool = True,
+    kind: str | None = None,
     **config_overrides: Any,
 ):
     """Loads an HF Llama/Mistral/Qwen2 or masked-diffusion LLaDA/Dream checkpoint (+ PEFT adapter).
 
     Returns `(model, tokenizer)` (tokenizer is None when `with_tokenizer=False`).
     `dtype`: "float32" | "bfloat16" | None (checkpoint's own dtype).
+    `kind`: "causal" or "diffusion" refuses a checkpoint of the other kind in one line, before any
+    weight is read (a diffusion LM passed as a chat target, a causal LM passed as an inpainter).
     """
     directory = resolve(path_or_hub_id)
     cfg = read_config(directory, dtype=dtype or _default_dtype(directory), **config_overrides)
+    if kind == "causal":
+        require_causal(cfg, f"model {str(path_or_hub_id)!r}")
+    elif kind == "diffusion":
+        require_diffusion(cfg, f"model {str(path_or_hub_id)!r}")
+    elif kind is not None:
+        raise ValueError(f"load_pretrained kind={kind!r}: use 'causal', 'diffusion' or None")
     tokenizer = load_tokenizer(directory, cfg) if with_tokenizer else None
     if mesh is not None:
         with jax.set_mesh(mesh):

@@ -158,7 +158,7 @@ def tiny_checkpoint(spec: rc.TinyModelSpec, workdir: Path) -> Path:
 def load_model(cfg: rc.RunConfig, workdir: Path, mesh):
     """(model with LoRA attached, tokenizer, model directory)."""
     path = tiny_checkpoint(cfg.tiny_model, workdir) if cfg.tiny_model is not None else cfg.model
-    model, tok = load_pretrained(path, dtype=cfg.dtype, mesh=mesh, remat=cfg.remat)
+    model, tok = load_pretrained(path, dtype=cfg.dtype, mesh=mesh, remat=cfg.remat, kind="causal")
     with jax.set_mesh(mesh):
         lora_lib.ensure_lora(model, cfg.lora.build(), seed=cfg.seed)
     return model, tok, str(path)
