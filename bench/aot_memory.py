@@ -183,12 +183,17 @@ def main(argv=None) -> int:
             return 2
         print(json.dumps(row), flush=True)
         rows.append(row)
+    write_results(args, rows, markdown(args, rows))
+    return 0
+
+
+def write_results(args, rows: list[dict], table: str) -> None:
+    """`args.out` + .json (arguments and rows) and .md (the table), and the table on stdout."""
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    out.with_suffix(".md").write_text(markdown(args, rows))
-    print(markdown(args, rows))
-    return 0
+    out.with_suffix(".md").write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from aot_memory import FIELDS, GIB, with_shardings  # noqa: E402
+from aot_memory import FIELDS, GIB, with_shardings, write_results  # noqa: E402
 
 from mixat_jax import mesh as mesh_lib  # noqa: E402
 from mixat_jax.diffusion.inpaint import default_sampler  # noqa: E402
@@ -238,11 +238,7 @@ def main(argv=None) -> int:
                 return 2
             print(json.dumps(row), flush=True)
             rows.append(row)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    out.with_suffix(".md").write_text(markdown(args, rows))
-    print(markdown(args, rows))
+    write_results(args, rows, markdown(args, rows))
     return 0
 
 
