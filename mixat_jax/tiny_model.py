@@ -32,6 +32,26 @@ from mixat_jax.models.decoder import Decoder
 from mixat_jax.tokenizer_build import build_bpe_tokenizer, default_corpus, save_tokenizer
 
 
+def _tiny_config(
+    tok, vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, **extra
+) -> ModelConfig:
+    """The shape and special tokens every tiny checkpoint shares (family fields in `extra`)."""
+    return ModelConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
+        rope_theta=10000.0,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **extra,
+    )
+
+
 def build_tiny_checkpoint(
     out_dir: str | Path,
     *,
@@ -54,20 +74,10 @@ def build_tiny_checkpoint(
         for i in tok.convert_tokens_to_ids(["<|eot_id|>"])
         if i is not None and i != tok.unk_token_id
     ]
-    cfg = ModelConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size or 4 * hidden_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=hidden_size // num_heads,
-        rope_theta=10000.0,
-        max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id,
+    cfg = _tiny_config(
+        tok, vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size,
         eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
-        pad_token_id=tok.pad_token_id,
-    )
+    )  # fmt: skip
     model = Decoder(cfg, rngs=nnx.Rngs(seed))
     if init_std != 0.02:
         key = jax.random.key(seed + 1)
@@ -128,26 +138,11 @@ def build_tiny_diffusion_checkpoint(
     )
     tok.add_special_tokens({"mask_token": MASK_TOKEN})
     dream = layout == "dream"
-    cfg = ModelConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size or 4 * hidden_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=hidden_size // num_heads,
-        model_type=layout,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6 if dream else 1e-5,
-        qkv_bias=dream,
-        max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id,
-        eos_token_ids=(tok.eos_token_id,),
-        pad_token_id=tok.pad_token_id,
-        causal=False,
-        mask_token_id=tok.mask_token_id,
-        shift_logits=dream,
-    )
+    cfg = _tiny_config(
+        tok, vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size,
+        eos_token_ids=(tok.eos_token_id,), model_type=layout, rms_norm_eps=1e-6 if dream else 1e-5,
+        qkv_bias=dream, causal=False, mask_token_id=tok.mask_token_id, shift_logits=dream,
+    )  # fmt: skip
     diffusion_config.check_mask_token(cfg)
     model = Decoder(cfg, rngs=nnx.Rngs(seed))
     _randomize(model, seed, init_std)

@@ -125,56 +125,34 @@ _LLADA_REFUSED_IF_TRUE = (
 )
 
 
+# (field, default when absent, the only value implemented, what another value means, the fix)
+_LLADA_REQUIRED: tuple[tuple[str, Any, Any, str, str], ...] = (
+    ("rope", True, True, "learned absolute position embeddings", "set rope=true"),
+    ("clip_qkv", None, None, "q/k/v clamped to ±clip_qkv", "set clip_qkv=null"),
+    ("block_type", "llama", "llama",
+     "only the 'llama' block (separate q/k/v, ff_proj·up_proj gating) is implemented",
+     "use a block_type='llama' checkpoint"),
+    # 'swiglu' would split ff_proj's output in halves before the up_proj product, which the llama
+    # block cannot even shape-check; gelu/relu change the gate non-linearity.
+    ("activation_type", "silu", "silu",
+     "the llama block gates as ff_out(silu(ff_proj(x)) * up_proj(x))",
+     "use activation_type='silu'"),
+    ("layer_norm_type", "rms", "rms", "only RMSNorm is implemented", "use layer_norm_type='rms'"),
+    ("layer_norm_with_affine", True, True, "RMSNorms without a weight",
+     "use layer_norm_with_affine=true"),
+    ("block_group_size", 1, 1, "grouped blocks are stored under transformer.block_groups.*",
+     "use block_group_size=1"),
+)  # fmt: skip
+
+
 def _llada_checks(hf: dict[str, Any]) -> None:
     for field, why, fix in _LLADA_REFUSED_IF_TRUE:
         if hf.get(field):
             raise _llada_refuse(field, hf[field], why, fix)
-    if hf.get("rope", True) is not True:
-        raise _llada_refuse(
-            "rope", hf["rope"], "learned absolute position embeddings", "set rope=true"
-        )
-    if hf.get("clip_qkv") is not None:
-        raise _llada_refuse(
-            "clip_qkv", hf["clip_qkv"], "q/k/v clamped to ±clip_qkv", "set clip_qkv=null"
-        )
-    block = hf.get("block_type", "llama")
-    if block != "llama":
-        raise _llada_refuse(
-            "block_type",
-            block,
-            "only the 'llama' block (separate q/k/v, ff_proj·up_proj gating) is implemented",
-            "use a block_type='llama' checkpoint",
-        )
-    act = hf.get("activation_type", "silu")
-    if act != "silu":
-        # 'swiglu' would split ff_proj's output in halves before the up_proj product, which the
-        # llama block cannot even shape-check; gelu/relu change the gate non-linearity.
-        raise _llada_refuse(
-            "activation_type",
-            act,
-            "the llama block gates as ff_out(silu(ff_proj(x)) * up_proj(x))",
-            "use activation_type='silu'",
-        )
-    norm = hf.get("layer_norm_type", "rms")
-    if norm != "rms":
-        raise _llada_refuse(
-            "layer_norm_type", norm, "only RMSNorm is implemented", "use layer_norm_type='rms'"
-        )
-    if hf.get("layer_norm_with_affine", True) is not True:
-        raise _llada_refuse(
-            "layer_norm_with_affine",
-            hf["layer_norm_with_affine"],
-            "RMSNorms without a weight",
-            "use layer_norm_with_affine=true",
-        )
-    group = hf.get("block_group_size", 1)
-    if group != 1:
-        raise _llada_refuse(
-            "block_group_size",
-            group,
-            "grouped blocks are stored under transformer.block_groups.*",
-            "use block_group_size=1",
-        )
+    for field, default, required, why, fix in _LLADA_REQUIRED:
+        value = hf.get(field, default)
+        if (value is not required) if isinstance(required, bool) else (value != required):
+            raise _llada_refuse(field, value, why, fix)
     scaling = hf.get("rope_scaling")
     if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
         raise _llada_refuse(
