@@ -11,7 +11,8 @@ fails CI instead of a user's first command.
 3. Runs every entry point end to end on a tiny model the project builds itself: tiny_model,
    generate (chat template: jinja2), train (configs/tiny.py, 2 steps, resume),
    evaluate (configs/eval/tiny.py, two cheap attacks), attack (GCG, 2 steps), pap_pool (template
-   rewrites), inpaint (tiny LLaDA-layout model), and the one-line error for an unusable --workdir.
+   rewrites), inpaint (tiny LLaDA-layout model), dat_sample (configs/dat/sample.py:tiny), and the
+   one-line error for an unusable --workdir.
 """
 
 from __future__ import annotations
@@ -126,6 +127,10 @@ def main() -> None:
         out = run("mixat_jax.inpaint", f"--model={llada}", "--response=Sure, here is a poem",
                   "--prompt_length=8", "--num_samples=2").stdout  # fmt: skip
         assert len(out.splitlines()) == 2, out
+        step("dat_sample (configs/dat/sample.py:tiny: DAT Stage A on tiny random models)")
+        run("mixat_jax.dat_sample", "--config=configs/dat/sample.py:tiny",
+            f"--workdir={tmp / 'dat_sample'}", "--config.limit=1")  # fmt: skip
+        assert len((tmp / "dat_sample" / "selected.jsonl").read_text().splitlines()) == 3
         step("unusable --workdir is one line, exit 2")
         bad = run("mixat_jax.train", "--config=configs/tiny.py", "--workdir=/proc/nonexistent/x",
                   expect=2)  # fmt: skip

@@ -7,9 +7,11 @@
 #     launch/tpu_vm.sh all            # create + copy + setup + run
 #   launch/tpu_vm.sh create|copy|setup|run|logs|ssh|delete
 #
-# Every worker runs `python -m mixat_jax.train --config $CONFIG --workdir $WORKDIR $EXTRA_ARGS`
-# with MIXAT_JAX_DISTRIBUTED=1, which makes train.py call jax.distributed.initialize() (on TPU
-# VMs the coordinator and process ids are discovered automatically).
+# Every worker runs `python -m $ENTRY --config $CONFIG --workdir $WORKDIR $EXTRA_ARGS`
+# with MIXAT_JAX_DISTRIBUTED=1, which makes the entry point call jax.distributed.initialize() (on
+# TPU VMs the coordinator and process ids are discovered automatically). ENTRY defaults to
+# mixat_jax.train; DAT Stage A (sampling and selection) is
+#   ENTRY=mixat_jax.dat_sample CONFIG=configs/dat/sample.py WORKDIR=... launch/tpu_vm.sh run
 set -euo pipefail
 
 PROJECT="${PROJECT:?set PROJECT (gcloud project id)}"
@@ -18,6 +20,7 @@ TPU_NAME="${TPU_NAME:?set TPU_NAME (name of the TPU VM)}"
 ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v4-32}"
 RUNTIME_VERSION="${RUNTIME_VERSION:-tpu-ubuntu2204-base}"
 CONFIG="${CONFIG:-configs/zephyr_7b_mixat.py}"
+ENTRY="${ENTRY:-mixat_jax.train}"
 WORKDIR="${WORKDIR:?set WORKDIR (gs://bucket/path, shared by all workers)}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
 REMOTE_DIR="${REMOTE_DIR:-mixat_jax}"
@@ -51,7 +54,7 @@ setup() {
 
 run() {
   local cmd="cd ~/${REMOTE_DIR} && . .venv/bin/activate && MIXAT_JAX_DISTRIBUTED=1 \
-nohup python -m mixat_jax.train --config ${CONFIG} --workdir ${WORKDIR} ${EXTRA_ARGS} \
+nohup python -m ${ENTRY} --config ${CONFIG} --workdir ${WORKDIR} ${EXTRA_ARGS} \
 > ~/mixat_train.log 2>&1 &"
   "${TPU[@]}" ssh "${TPU_NAME}" --worker=all --command="${cmd}"
   echo "started on all workers; follow with: $0 logs"

@@ -10,7 +10,8 @@
 # The container image (BASE_IMAGE, default a JAX TPU image) gets this repository as its
 # working directory (xpk --script-dir) and runs
 #   pip install -r requirements.txt && MIXAT_JAX_DISTRIBUTED=1 python -m mixat_jax.train ...
-# on every host of every slice; train.py calls jax.distributed.initialize().
+# on every host of every slice; the entry point calls jax.distributed.initialize(). ENTRY
+# (default mixat_jax.train) picks the entry point: ENTRY=mixat_jax.dat_sample runs DAT Stage A.
 set -euo pipefail
 
 PROJECT="${PROJECT:?set PROJECT (gcloud project id)}"
@@ -19,6 +20,7 @@ CLUSTER="${CLUSTER:?set CLUSTER (an xpk GKE cluster)}"
 TPU_TYPE="${TPU_TYPE:-v5p-32}"
 NUM_SLICES="${NUM_SLICES:-1}"
 CONFIG="${CONFIG:-configs/zephyr_7b_mixat.py}"
+ENTRY="${ENTRY:-mixat_jax.train}"
 WORKDIR="${WORKDIR:?set WORKDIR (gs://bucket/path)}"
 WORKLOAD="${WORKLOAD:-mixat-$(date +%m%d-%H%M%S)}"
 BASE_IMAGE="${BASE_IMAGE:-us-docker.pkg.dev/cloud-tpu-images/jax-ai-image/tpu:latest}"
@@ -29,7 +31,7 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 COMMON=(--project="${PROJECT}" --zone="${ZONE}" --cluster="${CLUSTER}")
 
 COMMAND="pip install -q -r requirements.txt && pip install -q -e . && \
-MIXAT_JAX_DISTRIBUTED=1 python -m mixat_jax.train --config ${CONFIG} --workdir ${WORKDIR} \
+MIXAT_JAX_DISTRIBUTED=1 python -m ${ENTRY} --config ${CONFIG} --workdir ${WORKDIR} \
 ${EXTRA_ARGS}"
 
 case "${1:-create}" in

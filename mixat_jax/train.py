@@ -7,7 +7,8 @@
 Writes ``OUT/config.json``, ``OUT/metrics.jsonl`` (one record per optimizer step),
 TensorBoard events in ``OUT/tb``, orbax checkpoints in ``OUT/checkpoints`` and, at the end,
 the PEFT adapter in ``OUT/adapter``. ``configs/demo.py`` runs the embedded demo instead
-(measure → MixAT → measure; ``--workdir`` defaults to ``runs/demo``). Re-running the same command resumes from the newest
+(measure → MixAT → measure; ``--workdir`` defaults to ``runs/demo``), ``configs/dat_demo.py``
+the embedded DAT demo (Stage A → DAT and CAT → measure; ``demo.kind="dat"``). Re-running the same command resumes from the newest
 checkpoint. SIGTERM saves a checkpoint and exits with status 143, Ctrl-C (SIGINT) likewise with
 130 (a second Ctrl-C stops at once; the last periodic checkpoint stays intact); bad input, an
 unusable ``--workdir`` included, prints one line on stderr and exits with status 2 (nothing in OUT
@@ -56,6 +57,13 @@ def main(argv) -> int:
 
     if os.environ.get("MIXAT_JAX_DISTRIBUTED") == "1":
         _initialize_distributed(jax)
+    if is_demo and config.demo.get("kind", "mixat") == "dat":
+        # configs/dat_demo.py: Stage A, DAT/CAT training, measure (mixat_jax/demo/dat_run.py)
+        # lazy: the pipeline loads only once flags are valid
+        from mixat_jax.demo.dat_run import run_dat_demo
+
+        run_dat_demo(config, workdir)
+        return 0
     if is_demo:  # configs/demo.py: measure, train, measure (mixat_jax/demo/run.py)
         # lazy: the pipeline loads only once flags are valid
         from mixat_jax.demo.run import run_demo
@@ -65,7 +73,12 @@ def main(argv) -> int:
     # lazy: the pipeline loads only once flags are valid
     from mixat_jax.training.loop import run
 
-    status = run(config, workdir)
+    reselect = None
+    if "dat" in config and config.dat.get("reselect_every_epoch", False):
+        # lazy: DAT's re-selection hook (layer 3 dat/, which training/ must not import)
+        from mixat_jax.dat.reselect import epoch_rows as reselect
+
+    status = run(config, workdir, reselect=reselect)
     return EXIT_STATUS.get(status, 0)
 
 

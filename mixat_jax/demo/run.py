@@ -178,7 +178,7 @@ def train_variant(config, variant: str, model: Path, out: Path) -> Path:
     return wd / "adapter"
 
 
-def _training_curve(wd: Path) -> dict[str, list[float]]:
+def training_curve(wd: Path) -> dict[str, list[float]]:
     rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines() if x.strip()]
     keys = ("loss", "away", "toward", "utility", "attack_loss_before", "attack_loss_after")
     return {k: [r.get(k, float("nan")) for r in rows] for k in keys}
@@ -264,7 +264,7 @@ def run_demo(config, workdir: str | Path | None = None) -> dict[str, Any]:
     training = {}
     for v in variants:
         adapter = train_variant(config, v, base, out)
-        training[v] = _training_curve(out / f"train_{v}")
+        training[v] = training_curve(out / f"train_{v}")
         models[v] = measure(v, demo, base, adapter, world, files, out)
     first = variants[0] if variants else "base"
     report = {

@@ -15,6 +15,11 @@ Default sampler (`default_sampler`) = the Lüdke/AAPL settings (§5.4): steps = 
 low-confidence remasking, conditioning dropout, global remasking every 8 steps. The tokenizer's
 BOS/EOS/PAD ids are always added to `suppress_ids`. Batch b uses `fold_in(key(seed), b)`: the
 same seed and arguments give the same prompts.
+
+Lower level (DAT Stage A's work units, `dat.stage_a`): `prepare_sampler` (suppressed ids, pad
+id, lead token, prefix check), `encode_answers`, `canvas_length` (one length for a whole run)
+and `inpaint_rows` (ONE sampler call over exactly the given rows with the given key);
+`inpaint_prompts` is built from them.
 """
 
 from __future__ import annotations
@@ -102,6 +107,106 @@ def build_canvas(
     return canvas, attn, editable
 
 
+def prepare_sampler(
+    model_cfg: ModelConfig,
+    tokenizer,
+    *,
+    prompt_length: int,
+    sampler: SamplerConfig | None = None,
+    answer_prefix: str = "\nAnswer: ",
+) -> tuple[SamplerConfig, int, list[int]]:
+    """(sampler with the tokenizer's BOS/EOS/PAD suppressed, pad id, lead tokens before the mask
+    block); checks that the tokenizer encodes `answer_prefix` (one-line ValueErrors)."""
+    sampler = sampler or default_sampler(model_cfg, prompt_length)
+    sampler = sampler.replace(
+        suppress_ids=tuple(sorted({*sampler.suppress_ids, *special_ids(tokenizer)}))
+    )
+    pad_id = pad_id_for(tokenizer, sampler.mask_token_id)
+    check_prefix(tokenizer, answer_prefix)
+    lead: list[int] = []
+    if sampler.shift_logits:
+        lead_id = tokenizer.bos_token_id
+        lead_id = tokenizer.eos_token_id if lead_id is None else lead_id
+        if lead_id is None:
+            raise ValueError(
+                "shift_logits (Dream-style) models need a known token before the mask block, "
+                "but the tokenizer has neither a bos_token nor an eos_token"
+            )
+        lead = [int(lead_id)]
+    return sampler, pad_id, lead
+
+
+def encode_answers(tokenizer, responses: Sequence[str], answer_prefix: str) -> list[list[int]]:
+    """Token ids of `answer_prefix + response` (with the tokenizer's special tokens)."""
+    return [tokenizer(answer_prefix + r, add_special_tokens=True)["input_ids"] for r in responses]
+
+
+def canvas_length(
+    answers: Sequence[Sequence[int]], *, prompt_length: int, lead: Sequence[int], max_canvas: int
+) -> int:
+    """P + the longest answer (+ lead), rounded up to a multiple of 16 and capped at
+    `max_canvas`; a one-line ValueError when an answer does not fit."""
+    for i, ans in enumerate(answers):
+        need = len(lead) + prompt_length + len(ans)
+        if need > max_canvas:
+            raise ValueError(
+                f"response {i} needs a canvas of {need} tokens ({len(lead) + prompt_length} "
+                f"prompt + {len(ans)} answer) but the model's max canvas is {max_canvas} "
+                "(max_position_embeddings)"
+            )
+    longest = len(lead) + prompt_length + max(len(a) for a in answers)
+    return min(-(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, max_canvas)
+
+
+def inpaint_rows(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    tokenizer,
+    answers: Sequence[Sequence[int]],
+    key: jax.Array,
+    *,
+    prompt_length: int,
+    sampler: SamplerConfig,
+    pad_id: int,
+    lead: Sequence[int],
+    length: int,
+    mesh=None,
+) -> list[InpaintedPrompt]:
+    """ONE sampler call over exactly these rows (one per answer, in order; the caller fixes the
+    batch size and the canvas `length`, so a row's result depends only on the key, the batch and
+    its position in it): the inpainted prompt of every row. `state` is placed by the caller."""
+    canvas, attn, editable = build_canvas(
+        answers,
+        prompt_length=prompt_length,
+        mask_id=sampler.mask_token_id,
+        pad_id=pad_id,
+        lead=lead,
+        length=length,
+    )
+    batch = {"canvas": canvas, "attn": attn, "editable": editable}
+    if mesh is not None:
+        batch = mesh_lib.shard_batch(batch, mesh)
+    result = sample(
+        graphdef,
+        state,
+        batch["canvas"],
+        batch["attn"],
+        batch["editable"],
+        key,
+        cfg=sampler,
+        fill_width=prompt_length,  # every row fills the P masks: one compile, LM head at P
+    )
+    start = len(lead)
+    filled = np.asarray(result.canvas_BxL)[:, start : start + prompt_length]
+    logp = np.asarray(result.logp_B)
+    out = []
+    for r in range(len(answers)):
+        ids = tuple(int(t) for t in filled[r])
+        text = tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+        out.append(InpaintedPrompt(text, float(logp[r]), ids))
+    return out
+
+
 def inpaint_prompts(
     model,
     tokenizer,
@@ -124,37 +229,15 @@ def inpaint_prompts(
     if not responses:
         return []
     model_cfg: ModelConfig = model.cfg
-    sampler = sampler or default_sampler(model_cfg, prompt_length)
-    sampler = sampler.replace(
-        suppress_ids=tuple(sorted({*sampler.suppress_ids, *special_ids(tokenizer)}))
-    )
-    mask_id = sampler.mask_token_id
-    pad_id = pad_id_for(tokenizer, mask_id)
-    check_prefix(tokenizer, answer_prefix)
-    lead: list[int] = []
-    if sampler.shift_logits:
-        lead_id = tokenizer.bos_token_id
-        lead_id = tokenizer.eos_token_id if lead_id is None else lead_id
-        if lead_id is None:
-            raise ValueError(
-                "shift_logits (Dream-style) models need a known token before the mask block, "
-                "but the tokenizer has neither a bos_token nor an eos_token"
-            )
-        lead = [int(lead_id)]
-    answers = [
-        tokenizer(answer_prefix + r, add_special_tokens=True)["input_ids"] for r in responses
-    ]
-    max_canvas = model_cfg.max_position_embeddings
-    for i, ans in enumerate(answers):
-        need = len(lead) + prompt_length + len(ans)
-        if need > max_canvas:
-            raise ValueError(
-                f"response {i} needs a canvas of {need} tokens ({len(lead) + prompt_length} "
-                f"prompt + {len(ans)} answer) but the model's max canvas is {max_canvas} "
-                "(max_position_embeddings)"
-            )
-    longest = len(lead) + prompt_length + max(len(a) for a in answers)
-    length = min(-(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, max_canvas)
+    sampler, pad_id, lead = prepare_sampler(
+        model_cfg, tokenizer, prompt_length=prompt_length, sampler=sampler,
+        answer_prefix=answer_prefix,
+    )  # fmt: skip
+    answers = encode_answers(tokenizer, responses, answer_prefix)
+    length = canvas_length(
+        answers, prompt_length=prompt_length, lead=lead,
+        max_canvas=model_cfg.max_position_embeddings,
+    )  # fmt: skip
 
     rows = [(i, j) for i in range(len(responses)) for j in range(num_samples)]
     devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
@@ -164,37 +247,15 @@ def inpaint_prompts(
     if mesh is not None:
         state = jax.device_put(state, mesh_lib.state_shardings(state, mesh))
     key = jax.random.key(seed)
-    start = len(lead)
     out: list[list[InpaintedPrompt]] = [[] for _ in responses]
     for n_batch, first in enumerate(range(0, len(rows), b)):
         chunk = rows[first : first + b]
         chunk = chunk + [chunk[-1]] * (b - len(chunk))
-        canvas, attn, editable = build_canvas(
-            [answers[i] for i, _ in chunk],
-            prompt_length=prompt_length,
-            mask_id=mask_id,
-            pad_id=pad_id,
-            lead=lead,
-            length=length,
-        )
-        batch = {"canvas": canvas, "attn": attn, "editable": editable}
-        if mesh is not None:
-            batch = mesh_lib.shard_batch(batch, mesh)
-        result = sample(
-            graphdef,
-            state,
-            batch["canvas"],
-            batch["attn"],
-            batch["editable"],
-            jax.random.fold_in(key, n_batch),
-            cfg=sampler,
-            fill_width=prompt_length,  # every row fills the P masks: one compile, LM head at P
-        )
-        filled = np.asarray(result.canvas_BxL)[:, start : start + prompt_length]
-        logp = np.asarray(result.logp_B)
+        filled = inpaint_rows(
+            graphdef, state, tokenizer, [answers[i] for i, _ in chunk],
+            jax.random.fold_in(key, n_batch), prompt_length=prompt_length, sampler=sampler,
+            pad_id=pad_id, lead=lead, length=length, mesh=mesh,
+        )  # fmt: skip
         for r in range(min(b, len(rows) - first)):
-            i, _ = rows[first + r]
-            ids = tuple(int(t) for t in filled[r])
-            text = tokenizer.decode(list(ids), skip_special_tokens=True).strip()
-            out[i].append(InpaintedPrompt(text, float(logp[r]), ids))
+            out[rows[first + r][0]].append(filled[r])
     return out

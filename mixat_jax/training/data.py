@@ -1,8 +1,10 @@
-"""Training records, loaders and the adversarial/utility mixture (MixAT spec §2.1–2.3).
+"""Training records, loaders and the adversarial/utility mixture (MixAT spec §2.1–2.3; DAT §2.2).
 
 * :class:`AdvRow` — one (behaviour, harmful target, refusal) triple (§2.1). The HarmBench
   adversarial-training split gives 100 behaviours × their target lists = 1,188 rows, in behaviour
   order then target order (the reference merges the behaviour CSV with the target JSON).
+* :func:`load_dat_rows` — DAT Stage B (DAT spec §2.2 step 6): Stage A's ``selected.jsonl`` as
+  adversarial rows whose instruction is the inpainted prompt.
 * :class:`UtilityRow` — one chat conversation (§2.2), UltraChat ``train_sft`` filtered to rows
   whose first user message has fewer than 768 characters, or a local JSONL/JSON/parquet file.
 * :func:`interleave` — ``datasets.interleave_datasets`` semantics (§2.3): source indices drawn
@@ -92,7 +94,7 @@ def _read_targets(source: str | Path, split: str) -> dict[str, list[str]]:
     return out
 
 
-def _read_refusals(source: str | Path, split: str) -> dict[str, str]:
+def read_refusals(source: str | Path, split: str) -> dict[str, str]:
     """Behaviour text -> refusal, from the (Behavior, Safe_Response) CSV."""
     refusals = {}
     for r in read_table(source, split):
@@ -124,7 +126,7 @@ def load_adv_rows(
     """
     behavior_rows = read_table(behaviors, split)
     target_map = _read_targets(targets, split)
-    refusal_map = _read_refusals(safe_responses, split) if safe_responses is not None else None
+    refusal_map = read_refusals(safe_responses, split) if safe_responses is not None else None
     rows: list[AdvRow] = []
     for r in behavior_rows:
         if "Behavior" not in r or "BehaviorID" not in r:
@@ -151,6 +153,113 @@ def load_adv_rows(
     if not rows:
         raise ValueError(f"no adversarial rows built from {str(behaviors)!r}; check the files")
     return rows
+
+
+DAT_FIELDS = ("behavior_id", "behavior", "prompt", "target")
+DAT_SAMPLE_COMMAND = "python -m mixat_jax.dat_sample"
+
+
+def read_dat_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a Stage A JSONL file (``selected.jsonl`` / ``samples.jsonl``), checked:
+    every record is a JSON object with the string fields :data:`DAT_FIELDS`. One-line
+    ``ValueError`` for a missing file, an unreadable line, a missing field or no record."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(
+            f"DAT prompts file {str(path)!r} does not exist; run {DAT_SAMPLE_COMMAND} "
+            "--workdir OUT first and pass OUT/selected.jsonl (candidates: OUT/samples.jsonl)"
+        )
+    records: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"line {n} of {str(path)!r} is not valid JSON ({e.msg}); rewrite the file "
+                    f"with {DAT_SAMPLE_COMMAND}"
+                ) from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"line {n} of {str(path)!r} is not a JSON object; rewrite "
+                                 f"the file with {DAT_SAMPLE_COMMAND}")  # fmt: skip
+            for name in DAT_FIELDS:
+                if not isinstance(rec.get(name), str):
+                    what = "has no field" if name not in rec else "has a non-string field"
+                    raise ValueError(
+                        f"line {n} of {str(path)!r} {what} {name!r}; DAT records need "
+                        f"{list(DAT_FIELDS)} (rewrite the file with {DAT_SAMPLE_COMMAND})"
+                    )
+            records.append(rec)
+    if not records:
+        raise ValueError(
+            f"no selected prompts in {str(path)!r}; run {DAT_SAMPLE_COMMAND} first / check "
+            "its summary.json"
+        )
+    return records
+
+
+def dat_rows_from_records(
+    records: Sequence[Mapping[str, Any]],
+    refusals: Mapping[str, str] | None = None,
+    *,
+    refusal: str = SAFE_RESPONSE,
+) -> list[AdvRow]:
+    """``AdvRow(behavior_id, behavior=prompt, target, refusal)``: the inpainted prompt is the
+    instruction; the refusal is ``refusals[record["behavior"]]`` (the ORIGINAL behaviour's safe
+    response, as CAT) if present, else ``refusal``."""
+    refusals = refusals or {}
+    return [
+        AdvRow(str(r["behavior_id"]), str(r["prompt"]), str(r["target"]),
+               refusals.get(str(r["behavior"]), refusal))
+        for r in records
+    ]  # fmt: skip
+
+
+def per_behavior_counts(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """BehaviorID -> number of records, in order of first appearance."""
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[str(r["behavior_id"])] = counts.get(str(r["behavior_id"]), 0) + 1
+    return counts
+
+
+def check_reselect_candidates(
+    selected: Sequence[Mapping[str, Any]],
+    candidates: Sequence[Mapping[str, Any]],
+    source: str | Path,
+) -> None:
+    """DAT re-selection keeps, per behaviour, as many candidates as ``selected`` holds: every
+    behaviour of ``selected`` needs at least that many candidates (one-line ValueError)."""
+    have = per_behavior_counts(candidates)
+    for bid, k in per_behavior_counts(selected).items():
+        if have.get(bid, 0) < k:
+            raise ValueError(
+                f"re-selection needs {k} candidates of behaviour {bid!r} but {str(source)!r} "
+                f"has {have.get(bid, 0)}; pass Stage A's samples.jsonl as "
+                "--config.dat.candidates"
+            )
+
+
+def load_dat_rows(
+    path: str | Path,
+    safe_responses: str | Path | None = None,
+    *,
+    refusal: str = SAFE_RESPONSE,
+    split: str = "train",
+) -> list[AdvRow]:
+    """Stage A's ``selected.jsonl`` as adversarial rows (file order; DAT spec §2.2 step 6).
+
+    Args:
+      path: ``OUT/selected.jsonl`` of ``python -m mixat_jax.dat_sample``.
+      safe_responses: CSV (Behavior, Safe_Response) keyed by the ORIGINAL behaviour text (the
+        record's ``behavior``); None, or a behaviour it lacks -> ``refusal``.
+      refusal: the constant refusal.
+      split: split name used when ``safe_responses`` is a dataset id.
+    """
+    refusals = read_refusals(safe_responses, split) if safe_responses else None
+    return dat_rows_from_records(read_dat_records(path), refusals, refusal=refusal)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,11 @@
 4. stop — on SIGTERM (also polled inside GCG) or ``stop_after``: save a checkpoint and return;
    at the end: final checkpoint and ``workdir/adapter`` (PEFT).
 
+DAT (DAT spec §2.3): ``variant="dat"`` reads Stage A's prompts as the adversarial rows
+(``stream.load_rows``); its optional per-epoch re-selection (§2.2 "Periodic refresh") is a
+:data:`ReselectFn` passed to :func:`run` by the entry point (``mixat_jax.dat.reselect`` —
+``training`` never imports ``dat``) and installed as the stream's per-epoch adversarial rows.
+
 Determinism: the data order is a function of (seed, epoch), the schedule of (seed, number of
 micro-batches), PAP/GCG draws of (seed, m), the step key is ``fold_in(key(seed), step)``, so an
 interrupted and resumed run equals an uninterrupted one.
@@ -62,6 +67,7 @@ CKPT_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
 PAP_POOL_FILE = "pap_pool.jsonl"
 PROGRESS_KEYS = ("loss", "away", "toward", "utility", "discrete")
+RESELECT_DIR = "dat_reselect"  # WORKDIR/dat_reselect/epoch_{e}.jsonl (DAT re-selection)
 _LOWER_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # every compile (cache hit too)
 
 
@@ -221,21 +227,44 @@ class Run:
     state: Any  # the optimizer is state.tx
     rewriter: discrete_lib.DiscreteRewriter
     layout: Any
+    adv_rows: list[data_lib.AdvRow] = dataclasses.field(default_factory=list)
 
 
-def setup(config, workdir: str | Path, should_abort: Callable[[], bool]) -> Run:
+ReselectFn = Callable[[Run, int, Callable[[], Any]], list[data_lib.AdvRow]]
+"""DAT re-selection hook ``(run, epoch, model_fn) -> adversarial rows of epoch`` (epoch >= 1;
+``model_fn()`` = the model with the current LoRA): as many rows as ``run.adv_rows``, the j-th
+replacing the j-th (``stream.EpochStream``); it must be deterministic given the workdir
+(``mixat_jax.dat.reselect.epoch_rows`` writes ``RESELECT_DIR/epoch_{e}.jsonl`` before use and
+re-reads it on resume)."""
+
+
+def setup(
+    config,
+    workdir: str | Path,
+    should_abort: Callable[[], bool],
+    reselect: ReselectFn | None = None,
+) -> Run:
     """Validate, load and build everything; writes nothing to ``workdir`` except caches."""
     if not str(workdir):
         raise ValueError("--workdir is required")
     workdir = Path(workdir)
     cfg = rc.from_config_dict(config)
+    if cfg.dat.reselect_every_epoch and reselect is None:
+        raise ValueError("config.dat.reselect_every_epoch needs the re-selection hook of "
+                         "mixat_jax.dat.reselect; run through python -m mixat_jax.train")  # fmt: skip
     config_json = _json_config(config)
     check_workdir(workdir, config_json)
     if cfg.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     mesh = mesh_lib.make_mesh(cfg.mesh)
-    adv, util = load_rows(cfg.data)
+    adv, util = load_rows(cfg.data, cfg.dat)
+    if cfg.dat.reselect_every_epoch:
+        data_lib.check_reselect_candidates(
+            data_lib.read_dat_records(cfg.dat.selected),
+            data_lib.read_dat_records(cfg.dat.candidates_path),
+            cfg.dat.candidates_path,
+        )
     mixture = data_lib.interleave(
         adv, util, adv_probability=cfg.data.adv_probability, seed=cfg.data.interleave_seed
     )
@@ -271,7 +300,7 @@ def setup(config, workdir: str | Path, should_abort: Callable[[], bool]) -> Run:
         f"{schedule.fractions()}; mean |E_v| {float(state.emb_norm):.4f}, eps_abs "
         f"{cfg.step.attack.eps * float(state.emb_norm):.4g}")  # fmt: skip
     return Run(cfg, workdir, config_json, mesh, stream, schedule, n_steps, renderer, tok,
-               model_dir, state, rewriter, layout)  # fmt: skip
+               model_dir, state, rewriter, layout, adv)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -370,19 +399,22 @@ def write_adapter(run: Run, state) -> Path:
 
 
 # ------------------------------------------------------------------------------ the run
-def run(config, workdir: str | Path) -> str:
+def run(config, workdir: str | Path, *, reselect: ReselectFn | None = None) -> str:
     """Train; returns "finished", "stopped" (stop_after), "preempted" (SIGTERM) or "interrupted"
-    (Ctrl-C). A stop on a signal saves a checkpoint first."""
+    (Ctrl-C). A stop on a signal saves a checkpoint first. ``reselect``: DAT's per-epoch
+    re-selection hook (required iff ``config.dat.reselect_every_epoch``)."""
     preempt = ckpt_lib.install_sigterm_handler()
     try:
-        return _run(config, workdir, preempt)
+        return _run(config, workdir, preempt, reselect)
     finally:
         preempt.restore()
 
 
-def _run(config, workdir: str | Path, preempt: ckpt_lib.PreemptionFlag) -> str:
+def _run(
+    config, workdir: str | Path, preempt: ckpt_lib.PreemptionFlag, reselect: ReselectFn | None
+) -> str:
     compiles = CompileCounter()
-    r = setup(config, workdir, should_abort=lambda: preempt.requested)
+    r = setup(config, workdir, should_abort=lambda: preempt.requested, reselect=reselect)
     cfg = r.cfg
     if jax.process_index() == 0:
         _write_atomic(r.workdir / CONFIG_FILE, json.dumps(r.config_json, indent=2) + "\n")
@@ -399,6 +431,8 @@ def _run(config, workdir: str | Path, preempt: ckpt_lib.PreemptionFlag) -> str:
     holder = {"state": state}
     model_fn = lambda: lora_lib.merge(holder["state"].graphdef, holder["state"].lora,
                                       holder["state"].frozen)  # fmt: skip
+    if cfg.dat.reselect_every_epoch and reselect is not None:
+        r.stream.set_epoch_adv(lambda e: reselect(r, e, model_fn) if e >= 1 else None)
 
     def save(at: int, state) -> None:
         ckpt.save(at, _ckpt_tree(state, root_key), _meta(r, at), force=True)

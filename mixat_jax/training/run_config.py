@@ -10,7 +10,9 @@ once, here or in the library dataclasses this tree reuses (``StepConfig`` with i
 ``.schedule`` are ``adam_epsilon`` / ``lr_scheduler_type`` (the reference's names),
 ``BatchLayout.max_len_util`` is ``batch.max_len``. ``""`` and ``0`` mean "not set" for optional
 strings and counts (``steps=0`` = derive from ``epochs``; ``stop_after=0`` = never);
-``tiny_model`` is ``{"enabled": False}`` unless a tiny random checkpoint is requested.
+``tiny_model`` is ``{"enabled": False}`` unless a tiny random checkpoint is requested. The
+``dat`` block (:class:`DatSpec`, DAT spec §2.3) is set only with ``variant="dat"`` (Stage A's
+``selected.jsonl`` as the adversarial rows; :func:`check_dat`).
 
 :func:`from_config_dict` turns a ConfigDict into a validated ``RunConfig``: unknown keys, wrong
 types and bad values are one-line ``ValueError``s, raised before any model or data is touched.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from mixat_jax import config_types
@@ -38,7 +41,8 @@ from mixat_jax.training.step_config import StepConfig
 DATA_SOURCES = ("harmbench", "synthetic")
 TECHNIQUE_PER = ("microbatch", "row")
 PAP_TEMPLATE = "template"  # discrete.pap_pool value: build template rewrites (no generator model)
-NO_DISCRETE_VARIANTS = ("cat", "sft")
+NO_DISCRETE_VARIANTS = ("cat", "dat", "sft")
+DAT_VARIANT = "dat"
 RESUME_FREE_KEYS = (
     "checkpoint_every",
     "keep_checkpoints",
@@ -168,6 +172,45 @@ class DiscreteSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class DatSpec:
+    """DAT Stage B (DAT spec §2.2 step 6, §2.3): the adversarial rows are Stage A's selected
+    prompts (``python -m mixat_jax.dat_sample`` writes ``OUT/selected.jsonl``), each an
+    ``AdvRow(behavior_id, <inpainted prompt>, target, <refusal of the original behaviour>)``.
+
+    ``selected``: that file (required by ``variant="dat"``, an error with any other variant);
+    ``include_original``: also keep the configured adversarial rows (HarmBench files or the
+    synthetic world) next to the selected ones (default: the selected prompts replace them, as
+    the paper's enlarged set of 16 per behaviour does).
+
+    Re-selection ablation (§2.2 "Periodic refresh", not in the paper; off by default):
+    ``reselect_every_epoch`` re-scores ``candidates`` (Stage A's ``samples.jsonl``; ``""`` = the
+    one next to ``selected``) at the start of every epoch e >= 1 by teacher-forced target loss
+    under the current parameters and keeps, per behaviour, as many lowest-loss candidates as
+    ``selected`` holds for it (so every epoch has the same rows count and micro-batch plan); the
+    set is written to ``WORKDIR/dat_reselect/epoch_{e}.jsonl`` before use and re-read on resume.
+    ``reselect_batch_size``: candidate rows per scoring call (a multiple of the data-parallel
+    device count).
+    """
+
+    selected: str = ""
+    include_original: bool = False
+    reselect_every_epoch: bool = False
+    candidates: str = ""
+    reselect_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.reselect_batch_size < 1:
+            raise ValueError(f"reselect_batch_size must be >= 1; got {self.reselect_batch_size}")
+
+    @property
+    def candidates_path(self) -> str:
+        """Stage A's candidates file: ``candidates`` or ``samples.jsonl`` beside ``selected``."""
+        if self.candidates:
+            return self.candidates
+        return str(Path(self.selected).with_name("samples.jsonl"))
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A training run (reference MixAT values, Zephyr-7B-style; the model is left empty).
 
@@ -206,6 +249,7 @@ class RunConfig:
     )
     data: DataSpec = DataSpec()
     discrete: DiscreteSpec = dataclasses.field(default_factory=DiscreteSpec)
+    dat: DatSpec = DatSpec()
 
     @property
     def variant(self) -> str:
@@ -226,6 +270,26 @@ def check_run(cfg: RunConfig) -> None:
         raise ValueError(
             f"variant {cfg.variant!r} runs no discrete attack but discrete.schedule="
             f"{schedule!r}; set --config.discrete.schedule=none"
+        )
+    check_dat(cfg)
+
+
+def check_dat(cfg: RunConfig) -> None:
+    """``variant="dat"`` needs ``dat.selected``; a ``dat`` block needs ``variant="dat"``."""
+    if cfg.variant == DAT_VARIANT:
+        if not cfg.dat.selected.strip():
+            raise ValueError(
+                "variant 'dat' trains on Stage A's prompts but config.dat.selected is empty; "
+                "pass --config.dat.selected=OUT/selected.jsonl (from python -m "
+                "mixat_jax.dat_sample --workdir OUT)"
+            )
+        return
+    changed = [f.name for f in dataclasses.fields(DatSpec)
+               if getattr(cfg.dat, f.name) != getattr(DatSpec(), f.name)]  # fmt: skip
+    if changed:
+        raise ValueError(
+            f"config.dat.{changed[0]} is set but variant is {cfg.variant!r}; use "
+            f"--config.variant=dat to train on Stage A's prompts (or unset config.dat)"
         )
 
 

@@ -1,4 +1,4 @@
-"""Static configuration of the training step (MixAT spec §3.1, §4, §5, §6.1).
+"""Static configuration of the training step (MixAT spec §3.1, §4, §5, §6.1; DAT spec §2.3).
 
 Frozen, hashable dataclasses: ``steps.train_step(..., cfg=StepConfig)`` treats them as static.
 Field names follow the reference hyper-parameters (``away_weight``, ``toward_cutoff``, ...).
@@ -8,6 +8,8 @@ happen on the host before the batch is built):
 
 * ``"mixat"`` / ``"cat"``: continuous attack on the adversarial rows (MixAT = CAT on top of the
   discrete rewrites already in the batch; CAT = C-AdvUL of Xhonneux et al., spec §6.1 "embedding").
+* ``"dat"``: the ``"cat"`` step exactly (DAT spec §2.3: CAT on the enlarged adversarial set);
+  only the rows differ (Stage A's inpainted prompts, ``run_config.DatSpec``).
 * ``"discrete_only"`` / ``"sft"``: δ ≡ 0 — the attack is not traced at all (not run-and-zeroed);
   ``"discrete_only"`` is the "mixed, not stacked" ablation (PAP/GCG rewrites, no δ);
   ``"sft"`` trains the same C-AdvUL loss on clean prompts (pair it with no discrete rewrites).
@@ -20,8 +22,8 @@ import dataclasses
 from mixat_jax.attacks.continuous import ContinuousAttackConfig
 from mixat_jax.training import losses
 
-VARIANTS = ("mixat", "cat", "discrete_only", "sft")
-ATTACKED_VARIANTS = ("mixat", "cat")
+VARIANTS = ("mixat", "cat", "dat", "discrete_only", "sft")
+ATTACKED_VARIANTS = ("mixat", "cat", "dat")
 ATTACK_BATCHING = ("step", "microbatch")
 
 

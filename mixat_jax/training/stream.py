@@ -8,35 +8,51 @@ past the configured ones, so ``m`` alone — saved as the data position — dete
 resumed run sees (DESIGN.md rule 6).
 
 :func:`load_rows` reads the configured sources (HarmBench files or dataset ids, UltraChat or a
-chat file, or the synthetic world) — every host reads the same small tables; the step's global
-arrays are built from each process's slot slice (``loop.global_batch``).
+chat file, or the synthetic world; for DAT, DAT spec §2.3, Stage A's selected prompts) — every
+host reads the same small tables; the step's global arrays are built from each process's slot
+slice (``loop.global_batch``).
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mixat_jax.training import data as data_lib
 from mixat_jax.training.batches import BatchLayout, ComposedMicroBatch, compose_epoch
 from mixat_jax.training.data import AdvRow, Row, UtilityRow
-from mixat_jax.training.run_config import DataSpec
+from mixat_jax.training.run_config import DataSpec, DatSpec
 from mixat_jax.training.synthetic import safety_world
 
 
-def load_rows(spec: DataSpec) -> tuple[list[AdvRow], list[UtilityRow]]:
-    """(adversarial rows, utility rows) of the configured sources; one-line ValueError if bad."""
+def adv_refusals(spec: DataSpec) -> dict[str, str]:
+    """Original behaviour text -> refusal (HarmBench safe-response file / the synthetic world);
+    DAT rows take the refusal of the behaviour their prompt was inpainted from."""
     if spec.source == "synthetic":
-        world = safety_world(spec.synthetic_seed)
-        return list(world["train_adv"]), list(world["train_util"])
-    adv = data_lib.load_adv_rows(
+        return {r.behavior: r.refusal for r in safety_world(spec.synthetic_seed)["train_adv"]}
+    if not spec.safe_responses:
+        return {}
+    return data_lib.read_refusals(spec.safe_responses, spec.split)
+
+
+def original_adv_rows(spec: DataSpec) -> list[AdvRow]:
+    """The configured adversarial rows: HarmBench behaviours x targets, or the synthetic world's."""
+    if spec.source == "synthetic":
+        return list(safety_world(spec.synthetic_seed)["train_adv"])
+    return data_lib.load_adv_rows(
         spec.behaviors,
         spec.targets,
         spec.safe_responses or None,
         refusal=spec.refusal,
         split=spec.split,
     )
+
+
+def utility_rows(spec: DataSpec) -> list[UtilityRow]:
+    """The configured utility rows (UltraChat / a chat file, or the synthetic world's)."""
+    if spec.source == "synthetic":
+        return list(safety_world(spec.synthetic_seed)["train_util"])
     util = data_lib.load_utility_rows(
         spec.utility,
         split=spec.utility_split,
@@ -45,30 +61,91 @@ def load_rows(spec: DataSpec) -> tuple[list[AdvRow], list[UtilityRow]]:
     )
     if not util:
         raise ValueError(f"no utility rows in {spec.utility!r} pass the filter; check the source")
-    return adv, util
+    return util
+
+
+def load_rows(spec: DataSpec, dat: DatSpec | None = None) -> tuple[list[AdvRow], list[UtilityRow]]:
+    """(adversarial rows, utility rows) of the configured sources; one-line ValueError if bad.
+
+    With ``dat.selected`` (variant ``"dat"``, DAT spec §2.3) the adversarial rows are Stage A's
+    selected prompts (:func:`data.load_dat_rows`, file order), followed by the configured rows
+    when ``dat.include_original``; the utility rows are the configured ones either way.
+    """
+    if dat is None or not dat.selected:
+        return original_adv_rows(spec), utility_rows(spec)
+    adv = data_lib.dat_rows_from_records(
+        data_lib.read_dat_records(dat.selected), adv_refusals(spec), refusal=spec.refusal
+    )
+    if dat.include_original:
+        adv += original_adv_rows(spec)
+    return adv, utility_rows(spec)
+
+
+EpochAdvRows = Callable[[int], Sequence[AdvRow] | None]
 
 
 class EpochStream:
-    """Composed micro-batch ``m`` of the endless sequence of seeded epochs of ``mixture``."""
+    """Composed micro-batch ``m`` of the endless sequence of seeded epochs of ``mixture``.
 
-    def __init__(self, mixture: Sequence[Row], layout: BatchLayout, seed: int):
+    ``epoch_adv`` (optional; DAT's per-epoch re-selection, DAT spec §2.2 "Periodic refresh"):
+    ``epoch_adv(e)`` returns the adversarial rows of epoch ``e`` (or None = the mixture's own);
+    its j-th row takes the place of the mixture's j-th adversarial row. Only the rows change:
+    the epoch's permutation and micro-batch plan are those of ``mixture`` (they depend on row
+    kinds and counts alone), so step counts and data positions do not depend on it, and it is
+    called only when a micro-batch of epoch ``e`` is first built.
+    """
+
+    def __init__(
+        self,
+        mixture: Sequence[Row],
+        layout: BatchLayout,
+        seed: int,
+        epoch_adv: EpochAdvRows | None = None,
+    ):
         if not mixture:
             raise ValueError("the training mixture is empty; check the data sources")
         self.mixture, self.layout, self.seed = list(mixture), layout, seed
+        self.epoch_adv = epoch_adv
+        self._adv_at = [i for i, r in enumerate(self.mixture) if isinstance(r, AdvRow)]
         self._starts: list[int] = [0]  # global index of the first micro-batch of each epoch
         self._cached: tuple[int, list[ComposedMicroBatch]] | None = None
+
+    def set_epoch_adv(self, epoch_adv: EpochAdvRows | None) -> None:
+        """Install (or remove) the per-epoch adversarial rows; drops the cached epoch."""
+        self.epoch_adv, self._cached = epoch_adv, None
+
+    def epoch_mixture(self, epoch: int) -> list[Row]:
+        """The mixture of ``epoch`` (before its shuffle): ``mixture`` with ``epoch_adv(epoch)``."""
+        rows = self.epoch_adv(epoch) if self.epoch_adv is not None else None
+        if rows is None:
+            return self.mixture
+        if len(rows) < len(self._adv_at):
+            raise ValueError(
+                f"epoch {epoch} has {len(rows)} adversarial rows but the mixture holds "
+                f"{len(self._adv_at)}; the per-epoch rows must keep the count"
+            )
+        out = list(self.mixture)
+        for j, i in enumerate(self._adv_at):
+            out[i] = rows[j]
+        return out
 
     def plan(self, epoch: int) -> list[ComposedMicroBatch]:
         """The micro-batches of ``epoch`` (cached for the current epoch)."""
         if self._cached is None or self._cached[0] != epoch:
-            rows = data_lib.shuffled_epoch(self.mixture, epoch, self.seed)
+            rows = data_lib.shuffled_epoch(self.epoch_mixture(epoch), epoch, self.seed)
             self._cached = (epoch, compose_epoch(rows, self.layout))
         return self._cached[1]
+
+    def _epoch_length(self, epoch: int) -> int:
+        if self.epoch_adv is None:
+            return len(self.plan(epoch))
+        rows = data_lib.shuffled_epoch(self.mixture, epoch, self.seed)  # same plan shape
+        return len(compose_epoch(rows, self.layout))
 
     def _extend_to(self, epoch: int) -> None:
         while len(self._starts) <= epoch + 1:
             e = len(self._starts) - 1
-            self._starts.append(self._starts[-1] + len(self.plan(e)))
+            self._starts.append(self._starts[-1] + self._epoch_length(e))
 
     def micro_batches_in(self, epochs: int) -> int:
         """Number of micro-batches in the first ``epochs`` epochs."""
