@@ -71,3 +71,26 @@ def mixat_config(name: str, arg: str | None) -> ml_collections.ConfigDict:
     c = base_config()
     c.model = model_id(name)
     return with_gcg(c) if arg == "gcg" else c
+
+
+def dat_config(name: str) -> ml_collections.ConfigDict:
+    """DAT Stage B on model ``name`` (DAT spec §2.3): CAT's upstream values (``configs/cat.py:
+    NAME,upstream``: eps 0.05, 5 epochs, 10 attack steps) with DAT's App. B differences (lr 1e-4,
+    bf16, utility weight 0.45; batch 8 = 1 adversarial + 7 utility rows per micro-batch x
+    grad-accum 8; max length 256), reading Stage A's ``selected.jsonl`` from
+    ``$MIXAT_DAT_SELECTED`` or ``runs/dat_sample_<name>/selected.jsonl``. The provenance of every
+    value is in ``configs/dat/<name>.py``."""
+    c = base_config()
+    c.model = model_id(name)
+    c.dtype = "bfloat16"
+    c.variant = "dat"
+    c.discrete.schedule = "none"
+    c.discrete.pap_pool = ""
+    c.attack.eps = 0.05
+    c.epochs = 5
+    c.optim.learning_rate = 1e-4
+    c.loss.utility_weight = 0.45
+    c.grad_accum = 8
+    c.batch.update({"adv_slots": 1, "util_slots": 7, "max_len": 256, "max_len_adv": 256})
+    c.dat.selected = os.environ.get("MIXAT_DAT_SELECTED", f"runs/dat_sample_{name}/selected.jsonl")
+    return c

@@ -240,6 +240,13 @@ class ChatRenderer:
             self._eot_ids = self._compute_eot_ids()
         return list(self._eot_ids)
 
+    def stop_ids(self) -> list[int]:
+        """Sorted ids that stop generation: :attr:`eot_token_ids` plus the tokenizer's eos."""
+        stops = set(self.eot_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            stops.add(int(self.tokenizer.eos_token_id))
+        return sorted(stops)
+
     def _compute_eot_ids(self) -> list[int]:
         tok = self.tokenizer
         ids: list[int] = []
@@ -323,3 +330,11 @@ def _finish(ids: list[int], response_mask: list[bool]) -> Rendered:
     return Rendered(
         ids=ids, prompt_mask=prompt_mask, response_mask=response_mask, prompt_len=prompt_len
     )
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its eos, else 0."""
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return int(pad)

@@ -10,9 +10,11 @@ re-running the same command resumes. No traceback reaches the user for any of th
 from __future__ import annotations
 
 import errno
+import json
+import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
@@ -96,3 +98,73 @@ def run_main(main: Callable[[], int]) -> int:
             f"error: cannot use {str(e.filename)!r}: {e.strerror or one_line(e)}", file=sys.stderr
         )
         return EXIT_BAD_INPUT
+
+
+def last_line(e: BaseException) -> str:
+    """The last non-empty line of an exception's text (absl / config-file errors are multi-line)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def initialize_distributed(jax) -> None:
+    """``jax.distributed.initialize`` for an entry point started with ``MIXAT_JAX_DISTRIBUTED=1``
+    (``launch/``): arguments from ``MIXAT_JAX_COORDINATOR`` / ``MIXAT_JAX_NUM_PROCESSES`` /
+    ``MIXAT_JAX_PROCESS_ID`` when set (local multi-process runs), auto-detected otherwise (TPU VMs,
+    SLURM, GKE). CPU processes exchange collectives through gloo. ``jax`` is passed in so that
+    importing this module stays free of jax."""
+    env = os.environ
+    platforms = env.get("JAX_PLATFORMS", "") or str(jax.config.jax_platforms or "")
+    if platforms.split(",")[0].strip() == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if env.get("MIXAT_JAX_COORDINATOR"):
+        kwargs["coordinator_address"] = env["MIXAT_JAX_COORDINATOR"]
+    if env.get("MIXAT_JAX_NUM_PROCESSES"):
+        kwargs["num_processes"] = int(env["MIXAT_JAX_NUM_PROCESSES"])
+    if env.get("MIXAT_JAX_PROCESS_ID"):
+        kwargs["process_id"] = int(env["MIXAT_JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
+
+
+def parse_flags_one_line(flag_values, argv: list[str]) -> list[str]:
+    """absl flag parsing (``flags_parser=`` of ``app.run``) with every flag or config-file error
+    reduced to one ``error:`` line and status 2; an unknown ``--config.x`` is named as such."""
+    from absl import flags  # lazy: absl only for the entry points that parse flags
+
+    try:
+        return flag_values(argv)
+    except (flags.Error, AttributeError, KeyError, ValueError) as e:
+        kind = "unknown config field " if isinstance(e, AttributeError | KeyError) else ""
+        print(f"error: {kind}{last_line(e)}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def check_workdir_config(
+    workdir: Path,
+    config_json: Mapping,
+    *,
+    free_keys: tuple[str, ...] = (),
+    config_file: str = "config.json",
+    what: str = "a run",
+) -> None:
+    """Refuse a workdir that holds ``what`` of another config: its ``config_file`` differs from
+    ``config_json`` in a top-level key other than ``free_keys`` (those a resumed run may change).
+    A missing config file is a fresh workdir; a workdir that is a file or holds unreadable JSON is
+    refused too. One-line ValueErrors naming the differing fields and the fix."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"workdir {str(workdir)!r} is a file; pass a directory")
+    path = workdir / config_file
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg}); use a new --workdir") from None
+    a = {k: v for k, v in old.items() if k not in free_keys}
+    b = {k: v for k, v in dict(config_json).items() if k not in free_keys}
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
+        raise ValueError(
+            f"workdir {str(workdir)!r} holds {what} with a different config (fields {diff} "
+            "differ); use a new --workdir or the original config"
+        )

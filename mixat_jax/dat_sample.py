@@ -41,7 +41,7 @@ def main(argv) -> int:
         if config is not None:
             config.to_dict()  # config_flags loads the file lazily; surface its errors here
     except OSError as e:
-        raise ValueError(f"cannot load --config: {last_line(e)}") from None
+        raise ValueError(f"cannot load --config: {cli_lib.last_line(e)}") from None
     if config is None:
         raise ValueError("--config is required")
     if not FLAGS.workdir:
@@ -56,7 +56,7 @@ def main(argv) -> int:
     import jax
 
     if os.environ.get("MIXAT_JAX_DISTRIBUTED") == "1":
-        initialize_distributed(jax)
+        cli_lib.initialize_distributed(jax)
     # lazy: as above
     from mixat_jax.dat import stage_a
 
@@ -64,40 +64,11 @@ def main(argv) -> int:
     return 0
 
 
-def initialize_distributed(jax) -> None:
-    """``jax.distributed.initialize`` from the ``MIXAT_JAX_*`` variables when set, else
-    auto-detected; CPU processes exchange collectives through gloo."""
-    env = os.environ
-    platforms = env.get("JAX_PLATFORMS", "") or str(jax.config.jax_platforms or "")
-    if platforms.split(",")[0].strip() == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = {}
-    if env.get("MIXAT_JAX_COORDINATOR"):
-        kwargs["coordinator_address"] = env["MIXAT_JAX_COORDINATOR"]
-    if env.get("MIXAT_JAX_NUM_PROCESSES"):
-        kwargs["num_processes"] = int(env["MIXAT_JAX_NUM_PROCESSES"])
-    if env.get("MIXAT_JAX_PROCESS_ID"):
-        kwargs["process_id"] = int(env["MIXAT_JAX_PROCESS_ID"])
-    jax.distributed.initialize(**kwargs)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with config-file errors reduced to one line (status 2)."""
-    try:
-        return FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, ValueError) as e:
-        kind = "unknown config field " if isinstance(e, AttributeError | KeyError) else ""
-        print(f"error: {kind}{last_line(e)}", file=sys.stderr)
-        sys.exit(cli_lib.EXIT_BAD_INPUT)
-
-
-def last_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
-
-
 def cli() -> None:
-    app.run(lambda argv: sys.exit(cli_lib.run_main(lambda: main(argv))), flags_parser=parse_flags)
+    app.run(
+        lambda argv: sys.exit(cli_lib.run_main(lambda: main(argv))),
+        flags_parser=lambda argv: cli_lib.parse_flags_one_line(FLAGS, argv),
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixat_jax.chat import ChatRenderer
+from mixat_jax.chat import ChatRenderer, pad_token_id
 from mixat_jax.hf.load import load_pretrained
 from mixat_jax.models.decoder import Decoder
 
@@ -130,14 +130,8 @@ class TextGenerator:
         self.length_multiple = length_multiple
         self.max_prompt_tokens = max_prompt_tokens
         self.graphdef, self.state = nnx.split(model)
-        pad = tokenizer.pad_token_id
-        if pad is None:
-            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        self.pad_id = int(pad)
-        stops = set(self.renderer.eot_token_ids)
-        if tokenizer.eos_token_id is not None:
-            stops.add(int(tokenizer.eos_token_id))
-        self.stop_ids = jnp.asarray(sorted(stops) or [-1], jnp.int32)
+        self.pad_id = pad_token_id(tokenizer)
+        self.stop_ids = jnp.asarray(self.renderer.stop_ids() or [-1], jnp.int32)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, adapter=None, dtype=None, mesh=None, **kw):

@@ -43,7 +43,7 @@ def main(argv) -> int:
         if config is not None:
             config.to_dict()  # config_flags loads the file lazily; surface its errors here
     except OSError as e:  # the config file failed to load (reported lazily by config_flags)
-        raise ValueError(f"cannot load --config: {_last_line(e)}") from None
+        raise ValueError(f"cannot load --config: {cli_lib.last_line(e)}") from None
     if config is None:
         raise ValueError("--config is required")
     is_demo = "demo" in config
@@ -56,7 +56,7 @@ def main(argv) -> int:
     import jax
 
     if os.environ.get("MIXAT_JAX_DISTRIBUTED") == "1":
-        _initialize_distributed(jax)
+        cli_lib.initialize_distributed(jax)
     if is_demo and config.demo.get("kind", "mixat") == "dat":
         # configs/dat_demo.py: Stage A, DAT/CAT training, measure (mixat_jax/demo/dat_run.py)
         # lazy: the pipeline loads only once flags are valid
@@ -82,41 +82,11 @@ def main(argv) -> int:
     return EXIT_STATUS.get(status, 0)
 
 
-def _initialize_distributed(jax) -> None:
-    """``jax.distributed.initialize`` from ``MIXAT_JAX_COORDINATOR`` / ``MIXAT_JAX_NUM_PROCESSES`` /
-    ``MIXAT_JAX_PROCESS_ID`` when set (local multi-process runs), auto-detected otherwise. CPU
-    processes exchange collectives through gloo."""
-    env = os.environ
-    platforms = env.get("JAX_PLATFORMS", "") or str(jax.config.jax_platforms or "")
-    if platforms.split(",")[0].strip() == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = {}
-    if env.get("MIXAT_JAX_COORDINATOR"):
-        kwargs["coordinator_address"] = env["MIXAT_JAX_COORDINATOR"]
-    if env.get("MIXAT_JAX_NUM_PROCESSES"):
-        kwargs["num_processes"] = int(env["MIXAT_JAX_NUM_PROCESSES"])
-    if env.get("MIXAT_JAX_PROCESS_ID"):
-        kwargs["process_id"] = int(env["MIXAT_JAX_PROCESS_ID"])
-    jax.distributed.initialize(**kwargs)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with config-file errors reduced to one line (status 2)."""
-    try:
-        return FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError) as e:  # unknown --config.x raises the latter
-        kind = "" if isinstance(e, flags.Error) else "unknown config field "
-        print(f"error: {kind}{_last_line(e)}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-
-
-def _last_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
-
-
 def cli() -> None:
-    app.run(lambda argv: sys.exit(cli_lib.run_main(lambda: main(argv))), flags_parser=parse_flags)
+    app.run(
+        lambda argv: sys.exit(cli_lib.run_main(lambda: main(argv))),
+        flags_parser=lambda argv: cli_lib.parse_flags_one_line(FLAGS, argv),
+    )
 
 
 if __name__ == "__main__":

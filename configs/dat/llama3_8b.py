@@ -40,31 +40,15 @@ layout with the same 64 rows per step is ``--config.batch.adv_slots=8
 the step instead of the mean of 8 micro-batch means). Recommended: 8 accelerators with >= 24 GB.
 """
 
-import os
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-from configs.common import base_config, model_id
-
-SELECTED = os.environ.get("MIXAT_DAT_SELECTED", "runs/dat_sample_llama3_8b/selected.jsonl")
+from configs.common import dat_config  # noqa: E402
 
 
 def get_config(arg=None):
     if arg:
         raise ValueError(f"configs/dat/llama3_8b.py takes no argument; got {arg!r}")
-    c = base_config()
-    c.model = model_id("llama3_8b")
-    c.dtype = "bfloat16"
-    c.variant = "dat"
-    c.discrete.schedule = "none"
-    c.discrete.pap_pool = ""
-    c.attack.eps = 0.05
-    c.attack.iters = 10
-    c.epochs = 5
-    c.optim.learning_rate = 1e-4
-    c.loss.utility_weight = 0.45
-    c.grad_accum = 8
-    c.batch.update({"adv_slots": 1, "util_slots": 7, "max_len": 256, "max_len_adv": 256})
-    c.dat.selected = SELECTED
+    c = dat_config("llama3_8b")
     return c

@@ -44,31 +44,16 @@ device; one token mean over the step instead of the mean of 8 micro-batch means)
 8 accelerators with >= 40 GB each.
 """
 
-import os
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-from configs.common import base_config, model_id
-
-SELECTED = os.environ.get("MIXAT_DAT_SELECTED", "runs/dat_sample_qwen2_5_14b/selected.jsonl")
+from configs.common import dat_config  # noqa: E402
 
 
 def get_config(arg=None):
     if arg:
         raise ValueError(f"configs/dat/qwen2_5_14b.py takes no argument; got {arg!r}")
-    c = base_config()
-    c.model = model_id("qwen2_5_14b")
-    c.dtype = "bfloat16"
-    c.variant = "dat"
-    c.discrete.schedule = "none"
-    c.discrete.pap_pool = ""
-    c.attack.eps = 0.05
+    c = dat_config("qwen2_5_14b")
     c.attack.iters = 40
-    c.epochs = 5
-    c.optim.learning_rate = 1e-4
-    c.loss.utility_weight = 0.45
-    c.grad_accum = 8
-    c.batch.update({"adv_slots": 1, "util_slots": 7, "max_len": 256, "max_len_adv": 256})
-    c.dat.selected = SELECTED
     return c

@@ -31,13 +31,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mixat_jax import mesh as mesh_lib
-from mixat_jax.dat.scoring import (
-    LENGTH_MULTIPLE,
-    TARGET_MULTIPLE,
-    TargetScorer,
-    bucket,
-    row_target_ce,
-)
+from mixat_jax.dat.scoring import TargetScorer, pack_loss_rows, row_target_ce
 from mixat_jax.training import data as data_lib
 from mixat_jax.training import loop as loop_lib
 from mixat_jax.training.batches import host_local_batch
@@ -107,15 +101,8 @@ def score(
     for start in range(0, len(encoded), batch_rows):
         chunk = encoded[start : start + batch_rows]
         n = len(chunk)
-        chunk = chunk + [chunk[-1]] * (batch_rows - n)
-        length = bucket(max(len(ids) for ids, _ in chunk), LENGTH_MULTIPLE)
-        max_targets = min(bucket(max(sum(m) for _, m in chunk), TARGET_MULTIPLE), length - 1)
-        ids = np.full((batch_rows, length), scorer.pad_id, np.int32)
-        mask = np.zeros((batch_rows, length), bool)
-        target = np.zeros((batch_rows, length), bool)
-        for i, (row, labels) in enumerate(chunk):
-            ids[i, : len(row)], mask[i, : len(row)], target[i, : len(row)] = row, True, labels
-        b = place_rows({"ids": ids, "mask": mask, "target": target}, mesh)
+        batch, max_targets = pack_loss_rows(chunk, batch_rows, scorer.pad_id)
+        b = place_rows(batch, mesh)
         ce = row_target_ce(scorer.graphdef, scorer.state, b["ids"], b["mask"], b["target"],
                            max_targets=max_targets)  # fmt: skip
         if jax.process_count() > 1:

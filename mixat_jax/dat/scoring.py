@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from mixat_jax import mesh as mesh_lib
-from mixat_jax.chat import ChatRenderer
+from mixat_jax.chat import ChatRenderer, pad_token_id
 from mixat_jax.judges.base import HARMFUL
 from mixat_jax.objectives import sequence_logprobs
 from mixat_jax.sampling import generate_tokens, left_pad
@@ -60,6 +60,25 @@ def row_target_ce(
     return -jnp.sum(logp_BxT * w_BxT, axis=-1) / jnp.maximum(jnp.sum(w_BxT, axis=-1), 1.0)
 
 
+def pack_loss_rows(
+    rows: Sequence[tuple[list[int], list[bool]]], batch_rows: int, pad_id: int
+) -> tuple[dict[str, np.ndarray], int]:
+    """(ids, target-label) rows -> one right-padded ``batch_rows`` batch (the last row repeated
+    to fill it; length bucketed by LENGTH_MULTIPLE) and the bucketed target count for
+    ``row_target_ce(max_targets=...)``."""
+    rows = list(rows) + [rows[-1]] * (batch_rows - len(rows))
+    length = bucket(max(len(ids) for ids, _ in rows), LENGTH_MULTIPLE)
+    max_targets = min(bucket(max(sum(m) for _, m in rows), TARGET_MULTIPLE), length - 1)
+    ids_BxL = np.full((batch_rows, length), pad_id, np.int32)
+    mask_BxL = np.zeros((batch_rows, length), bool)
+    target_BxL = np.zeros((batch_rows, length), bool)
+    for i, (row, labels) in enumerate(rows):
+        ids_BxL[i, : len(row)] = row
+        mask_BxL[i, : len(row)] = True
+        target_BxL[i, : len(row)] = labels
+    return {"ids": ids_BxL, "mask": mask_BxL, "target": target_BxL}, max_targets
+
+
 class TargetScorer:
     """Target loss and greedy completions of inpainted prompts on a causal chat model."""
 
@@ -81,14 +100,8 @@ class TargetScorer:
         self.graphdef, self.state = nnx.split(model)
         if mesh is not None:
             self.state = jax.device_put(self.state, mesh_lib.state_shardings(self.state, mesh))
-        pad = tokenizer.pad_token_id
-        if pad is None:
-            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        self.pad_id = int(pad)
-        stops = set(self.renderer.eot_token_ids)
-        if tokenizer.eos_token_id is not None:
-            stops.add(int(tokenizer.eos_token_id))
-        self.stop_ids = jnp.asarray(sorted(stops) or [-1], jnp.int32)
+        self.pad_id = pad_token_id(tokenizer)
+        self.stop_ids = jnp.asarray(self.renderer.stop_ids() or [-1], jnp.int32)
 
     def _place(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         if self.mesh is None:
@@ -114,17 +127,8 @@ class TargetScorer:
         if not 1 <= n <= batch_rows:
             raise ValueError(f"target_losses: {n} rows for a batch of {batch_rows}")
         rows = [self.loss_row(p, t) for p, t in zip(prompts, targets, strict=True)]
-        rows += [rows[-1]] * (batch_rows - n)
-        length = bucket(max(len(ids) for ids, _ in rows), LENGTH_MULTIPLE)
-        max_targets = min(bucket(max(sum(m) for _, m in rows), TARGET_MULTIPLE), length - 1)
-        ids = np.full((batch_rows, length), self.pad_id, np.int32)
-        mask = np.zeros((batch_rows, length), bool)
-        target = np.zeros((batch_rows, length), bool)
-        for i, (row, labels) in enumerate(rows):
-            ids[i, : len(row)] = row
-            mask[i, : len(row)] = True
-            target[i, : len(row)] = labels
-        b = self._place({"ids": ids, "mask": mask, "target": target})
+        batch, max_targets = pack_loss_rows(rows, batch_rows, self.pad_id)
+        b = self._place(batch)
         ce = row_target_ce(self.graphdef, self.state, b["ids"], b["mask"], b["target"],
                            max_targets=max_targets)  # fmt: skip
         return np.asarray(ce, np.float64)[:n]

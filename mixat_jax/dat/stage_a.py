@@ -76,23 +76,11 @@ def config_json(cfg: sc.SampleConfig) -> dict[str, Any]:
 
 
 def check_workdir(workdir: Path, cfg_json: dict[str, Any]) -> None:
-    """Refuse a workdir that holds a run of another config (its config.json differs)."""
-    if workdir.exists() and not workdir.is_dir():
-        raise ValueError(f"workdir {str(workdir)!r} is a file; pass a directory")
-    path = workdir / CONFIG_FILE
-    if not path.exists():
-        return
-    try:
-        old = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg}); use a new --workdir") from None
-    a, b = sc.resume_view(old), sc.resume_view(cfg_json)
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    if diff:
-        raise ValueError(
-            f"workdir {str(workdir)!r} holds a Stage A run with a different config (fields "
-            f"{diff} differ); use a new --workdir or the original config"
-        )
+    """Refuse a workdir that holds a Stage A run of another config (its config.json differs)."""
+    cli_lib.check_workdir_config(
+        workdir, cfg_json, free_keys=sc.RESUME_FREE_KEYS, config_file=CONFIG_FILE,
+        what="a Stage A run",
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ tiny inputs

@@ -391,14 +391,4 @@ def plot_report(out: Path, report: dict[str, Any]) -> None:
     fig.tight_layout()
     fig.savefig(out / "report_asr.png", dpi=120)
     plt.close(fig)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for name, curve in report["training"].items():
-        axes[0].plot(curve["loss"], label=f"{name} loss")
-        axes[0].plot(curve["utility"], "--", label=f"{name} utility")
-        axes[1].plot(curve["toward"], label=f"{name} toward")
-    for a in axes:
-        a.set_xlabel("step")
-        a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "report_training.png", dpi=120)
-    plt.close(fig)
+    mixat_demo.plot_training(plt, report["training"], out / "report_training.png")

@@ -184,6 +184,21 @@ def training_curve(wd: Path) -> dict[str, list[float]]:
     return {k: [r.get(k, float("nan")) for r in rows] for k in keys}
 
 
+def plot_training(plt, training: dict[str, dict[str, list[float]]], path: Path) -> None:
+    """Loss / utility and toward curves of every trained variant, side by side."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, curve in training.items():
+        axes[0].plot(curve["loss"], label=f"{name} loss")
+        axes[0].plot(curve["utility"], "--", label=f"{name} utility")
+        axes[1].plot(curve["toward"], label=f"{name} toward")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_report(out: Path, report: dict[str, Any]) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# MixAT demo: synthetic safety world", ""]
@@ -227,18 +242,7 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         fig.tight_layout()
         fig.savefig(out / "report_asr.png", dpi=120)
         plt.close(fig)
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-        for name, curve in report["training"].items():
-            axes[0].plot(curve["loss"], label=f"{name} loss")
-            axes[0].plot(curve["utility"], "--", label=f"{name} utility")
-            axes[1].plot(curve["toward"], label=f"{name} toward")
-        axes[0].set_xlabel("step")
-        axes[1].set_xlabel("step")
-        axes[0].legend(fontsize=7)
-        axes[1].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "report_training.png", dpi=120)
-        plt.close(fig)
+        plot_training(plt, report["training"], out / "report_training.png")
     except Exception as e:  # noqa: BLE001 - plots are a convenience; the JSON/markdown carry the numbers
         log(f"plotting failed ({e}); report.json and report.md are complete")
 

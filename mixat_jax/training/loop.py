@@ -41,6 +41,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from mixat_jax import cli as cli_lib
 from mixat_jax import lora as lora_lib
 from mixat_jax import mesh as mesh_lib
 from mixat_jax.attacks.pap import load_pool
@@ -100,22 +101,9 @@ def _json_config(config) -> dict[str, Any]:
 
 def check_workdir(workdir: Path, config_json: dict[str, Any]) -> None:
     """Refuse a workdir that holds a different run (its config.json differs)."""
-    path = workdir / CONFIG_FILE
-    if workdir.exists() and not workdir.is_dir():
-        raise ValueError(f"workdir {str(workdir)!r} is a file; pass a directory")
-    if not path.exists():
-        return
-    try:
-        old = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg}); use a new --workdir") from None
-    a, b = rc.resume_view(old), rc.resume_view(config_json)
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    if diff:
-        raise ValueError(
-            f"workdir {str(workdir)!r} holds a run with a different config (fields {diff} "
-            "differ); use a new --workdir or the original config"
-        )
+    cli_lib.check_workdir_config(
+        workdir, config_json, free_keys=rc.RESUME_FREE_KEYS, config_file=CONFIG_FILE
+    )
 
 
 def _write_atomic(path: Path, text: str) -> None:
