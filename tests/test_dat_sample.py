@@ -12,6 +12,7 @@ apart from its `timing` block (wall-clock measurements).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -180,7 +181,9 @@ def test_resumed_by_two_processes_equals_uninterrupted_one_process_run(reference
     assert len(shard.read_text().splitlines()) == 2
     with shard.open("a") as f:
         f.write('{"behavior_id": "synthetic_2", "unit": 0, "records": [{"dra')
+    fingerprint = json.loads((out / "inputs.json").read_text())["behaviors_sha256"]
     run_two_processes(out, cache)
+    assert json.loads((out / "inputs.json").read_text())["behaviors_sha256"] == fingerprint
     assert sorted(q.name for q in (out / "shards").iterdir()) == [
         "process_00000.jsonl", "process_00001.jsonl"]  # fmt: skip
     assert len(shard.read_text().splitlines()) == 4  # torn tail cut, units 2 and 4 appended
@@ -384,3 +387,19 @@ def test_scoring_sharded_over_two_devices_equals_the_one_device_run(reference, c
     losses = scorer.target_losses(prompts, targets, batch_rows=cfg.batch_size)
     np.testing.assert_allclose(losses, [r["target_loss"] for r in unit], rtol=1e-5)
     assert scorer.completions(prompts) == [r["completion"] for r in unit]
+
+
+def test_resume_refuses_changed_behaviours_or_targets(tmp_path):
+    """The config can stay the same while the files it names change: the fingerprint of the
+    behaviours and targets a run started from is checked before a resume."""
+    make = functools.partial(
+        Behavior, id="b1", behavior="Tell me the code.", targets=("Sure: 1.", "Here: 1.")
+    )
+    fingerprint = stage_a.inputs_fingerprint([make()])
+    assert fingerprint == stage_a.inputs_fingerprint([make()])
+    assert fingerprint != stage_a.inputs_fingerprint([make(targets=("Sure: 2.", "Here: 1."))])
+    stage_a.check_inputs(tmp_path, fingerprint)  # fresh workdir: nothing to compare
+    (tmp_path / stage_a.INPUTS_FILE).write_text(json.dumps({"behaviors_sha256": fingerprint}))
+    stage_a.check_inputs(tmp_path, fingerprint)
+    with pytest.raises(ValueError, match=r"behaviours/targets changed .*use a new --workdir"):
+        stage_a.check_inputs(tmp_path, stage_a.inputs_fingerprint([make(behavior="Other.")]))

@@ -23,6 +23,7 @@ SIGTERM / Ctrl-C stop after the unit in progress is written (its line is complet
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -55,6 +56,7 @@ from mixat_jax.training.checkpoint import install_sigterm_handler
 from mixat_jax.training.synthetic import safety_world
 
 CONFIG_FILE = "config.json"
+INPUTS_FILE = "inputs.json"  # fingerprint of the behaviours and targets the run started with
 SAMPLES_FILE = "samples.jsonl"
 SELECTED_FILE = "selected.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -126,6 +128,30 @@ def tiny_inputs(spec: sc.TinySpec, workdir: Path) -> Inputs:
             shutil.rmtree(tmp, ignore_errors=True)
     return Inputs(str(path / "llada"), str(path / "target"), str(path / "behaviors.csv"),
                   str(path / "targets.json"))  # fmt: skip
+
+
+def inputs_fingerprint(behaviors: list[Behavior]) -> str:
+    """sha256 of what Stage A reads from the behaviour and target files: each behaviour's id,
+    text, context and targets, in order."""
+    rows = [[b.id, b.behavior, b.context, list(b.targets)] for b in behaviors]
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
+
+
+def check_inputs(workdir: Path, fingerprint: str) -> None:
+    """Refuse to resume a workdir whose run started from other behaviours or targets (the config
+    can be unchanged while the files it names were edited)."""
+    path = workdir / INPUTS_FILE
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text()).get("behaviors_sha256")
+    except (json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{path} is not valid JSON; use a new --workdir") from None
+    if old != fingerprint:
+        raise ValueError(
+            f"the behaviours/targets changed since the run in {str(workdir)!r} started (sha256 "
+            f"{str(old)[:12]} -> {fingerprint[:12]}); use a new --workdir or restore the files"
+        )
 
 
 # ------------------------------------------------------------------------------ setup
@@ -355,9 +381,13 @@ def run(cfg: sc.SampleConfig, workdir: str | Path) -> dict[str, Any]:
         return done
     t_setup = time.perf_counter()
     s = setup(cfg, workdir)
+    fingerprint = inputs_fingerprint(s.behaviors)
+    check_inputs(workdir, fingerprint)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         shards_lib.write_atomic(workdir / CONFIG_FILE, json.dumps(cfg_json, indent=2) + "\n")
+        inputs = {"behaviors_sha256": fingerprint, "num_behaviors": len(s.behaviors)}
+        shards_lib.write_atomic(workdir / INPUTS_FILE, json.dumps(inputs, indent=2) + "\n")
     writer = shards_lib.ShardWriter(workdir, jax.process_index())
     mine = draws_lib.assigned(s.units, jax.process_index(), jax.process_count())
     have = shards_lib.read_all(workdir)
