@@ -131,6 +131,12 @@ def main() -> None:
         run("mixat_jax.dat_sample", "--config=configs/dat/sample.py:tiny",
             f"--workdir={tmp / 'dat_sample'}", "--config.limit=1")  # fmt: skip
         assert len((tmp / "dat_sample" / "selected.jsonl").read_text().splitlines()) == 3
+        step("convert: a truncated GGUF file is one line, exit 2, no output directory")
+        (tmp / "broken.gguf").write_bytes(b"GGUF" + bytes(12))
+        bad = run("mixat_jax.convert", f"--gguf={tmp / 'broken.gguf'}", f"--out={tmp / 'conv'}",
+                  expect=2)  # fmt: skip
+        lines = [ln for ln in bad.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and not (tmp / "conv").exists(), bad.stderr
         step("unusable --workdir is one line, exit 2")
         bad = run("mixat_jax.train", "--config=configs/tiny.py", "--workdir=/proc/nonexistent/x",
                   expect=2)  # fmt: skip

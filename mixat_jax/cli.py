@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from mixat_jax import storage
+
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_PREEMPTED = 143  # 128 + SIGTERM
@@ -35,10 +37,20 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def check_output_dir(path: str | Path, flag: str = "--workdir") -> Path:
+def check_output_dir(path: str | Path, flag: str = "--workdir", *, allow_url: bool = False):
     """Raises ValueError (one line naming the path) unless ``path`` is, or can become, a directory
     this process can write to. Creates nothing that was not there: directories made for the probe
-    are removed again, so a later bad-input error still leaves the file system as it was."""
+    are removed again, so a later bad-input error still leaves the file system as it was.
+
+    A URL (``gs://...``) is refused unless ``allow_url`` (entry points whose outputs go through
+    :mod:`mixat_jax.storage`: training); an allowed URL is checked without touching the remote
+    side (supported scheme, fsspec backend installed) and returned as an ``epath.Path``."""
+    if storage.is_url(path):
+        if not allow_url:
+            raise ValueError(f"{flag} {str(path)!r} is a URL; this command writes to a local or "
+                             "shared file system only: pass a directory")  # fmt: skip
+        storage.check_url(path, flag)
+        return storage.run_path(path)
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         raise ValueError(f"{flag} {str(path)!r} is a file; pass a directory")
@@ -110,7 +122,9 @@ def initialize_distributed(jax) -> None:
     """``jax.distributed.initialize`` for an entry point started with ``MIXAT_JAX_DISTRIBUTED=1``
     (``launch/``): arguments from ``MIXAT_JAX_COORDINATOR`` / ``MIXAT_JAX_NUM_PROCESSES`` /
     ``MIXAT_JAX_PROCESS_ID`` when set (local multi-process runs), auto-detected otherwise (TPU VMs,
-    SLURM, GKE). CPU processes exchange collectives through gloo. ``jax`` is passed in so that
+    SLURM, GKE); ``MIXAT_JAX_LOCAL_DEVICE_IDS`` / ``MIXAT_JAX_INIT_TIMEOUT`` add
+    ``local_device_ids`` / ``initialization_timeout`` (:func:`distributed_env_kwargs`).
+    CPU processes exchange collectives through gloo. ``jax`` is passed in so that
     importing this module stays free of jax."""
     env = os.environ
     platforms = env.get("JAX_PLATFORMS", "") or str(jax.config.jax_platforms or "")
@@ -123,7 +137,73 @@ def initialize_distributed(jax) -> None:
         kwargs["num_processes"] = int(env["MIXAT_JAX_NUM_PROCESSES"])
     if env.get("MIXAT_JAX_PROCESS_ID"):
         kwargs["process_id"] = int(env["MIXAT_JAX_PROCESS_ID"])
+    kwargs.update(distributed_env_kwargs(env))
     jax.distributed.initialize(**kwargs)
+
+
+def _env_int(env: Mapping[str, str], name: str, minimum: int) -> int:
+    try:
+        value = int(env[name])
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise ValueError(f"{name}={env[name]!r} must be an integer >= {minimum}")
+    return value
+
+
+def distributed_env_kwargs(env: Mapping[str, str]) -> dict:
+    """The ``jax.distributed.initialize`` arguments set by the launch environment (issue #16):
+
+    * ``MIXAT_JAX_LOCAL_DEVICE_IDS``: unset/empty -> JAX auto-detects (its SLURM detection binds
+      ``[SLURM_LOCALID]``); ``all`` -> every accelerator this process sees (one process per node
+      owning all its GPUs: ``range(local device count)``, counted without initialising a
+      backend from ``CUDA_VISIBLE_DEVICES`` when set); ``0,1,2`` -> that list;
+    * ``MIXAT_JAX_INIT_TIMEOUT``: seconds to wait for the other processes
+      (``initialization_timeout``)."""
+    kwargs: dict = {}
+    ids = env.get("MIXAT_JAX_LOCAL_DEVICE_IDS", "").strip()
+    if ids == "all":
+        kwargs["local_device_ids"] = _all_local_device_ids(env)
+    elif ids:
+        try:
+            kwargs["local_device_ids"] = [int(x) for x in ids.split(",")]
+        except ValueError:
+            raise ValueError(f"MIXAT_JAX_LOCAL_DEVICE_IDS={ids!r}: use 'all' or a comma-separated "
+                             "list of device ordinals such as 0,1,2,3") from None  # fmt: skip
+        if any(i < 0 for i in kwargs["local_device_ids"]) or len(set(kwargs["local_device_ids"])) \
+                != len(kwargs["local_device_ids"]):  # fmt: skip
+            raise ValueError(f"MIXAT_JAX_LOCAL_DEVICE_IDS={ids!r}: ordinals must be distinct "
+                             "and >= 0")  # fmt: skip
+    if env.get("MIXAT_JAX_INIT_TIMEOUT", "").strip():
+        kwargs["initialization_timeout"] = _env_int(env, "MIXAT_JAX_INIT_TIMEOUT", 1)
+    return kwargs
+
+
+def _all_local_device_ids(env: Mapping[str, str]) -> list[int]:
+    """Ordinals of every GPU this process sees: ``CUDA_VISIBLE_DEVICES`` renumbers the visible
+    ones 0..n-1; without it, ask the CUDA plugin for its device count (no backend starts)."""
+    visible = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible:
+        return list(range(len([v for v in visible.split(",") if v.strip()])))
+    count = cuda_device_count()
+    if count < 1:
+        raise ValueError("MIXAT_JAX_LOCAL_DEVICE_IDS=all: no GPU visible to this process (set "
+                         "CUDA_VISIBLE_DEVICES or pass the ordinals, e.g. 0,1,2,3)")  # fmt: skip
+    return list(range(count))
+
+
+def cuda_device_count() -> int:
+    """GPUs the CUDA driver reports (0 when unknown), read before jax starts a backend."""
+    try:
+        import ctypes
+
+        lib = ctypes.CDLL("libcuda.so.1")
+        if lib.cuInit(0) != 0:
+            return 0
+        n = ctypes.c_int()
+        return int(n.value) if lib.cuDeviceGetCount(ctypes.byref(n)) == 0 else 0
+    except OSError:
+        return 0
 
 
 def parse_flags_one_line(flag_values, argv: list[str]) -> list[str]:
@@ -140,7 +220,7 @@ def parse_flags_one_line(flag_values, argv: list[str]) -> list[str]:
 
 
 def check_workdir_config(
-    workdir: Path,
+    workdir: storage.PathLike,
     config_json: Mapping,
     *,
     free_keys: tuple[str, ...] = (),
@@ -150,7 +230,9 @@ def check_workdir_config(
     """Refuse a workdir that holds ``what`` of another config: its ``config_file`` differs from
     ``config_json`` in a top-level key other than ``free_keys`` (those a resumed run may change).
     A missing config file is a fresh workdir; a workdir that is a file or holds unreadable JSON is
-    refused too. One-line ValueErrors naming the differing fields and the fix."""
+    refused too. One-line ValueErrors naming the differing fields and the fix. A URL workdir is
+    read through :mod:`mixat_jax.storage` (never ``pathlib``)."""
+    workdir = storage.run_path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise ValueError(f"workdir {str(workdir)!r} is a file; pass a directory")
     path = workdir / config_file

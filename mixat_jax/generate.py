@@ -1,6 +1,6 @@
 """Command-line generation: prints only the completion to stdout.
 
-    python -m mixat_jax.generate --model DIR [--adapter DIR] --prompt TEXT [--chat|--no-chat]
+    python -m mixat_jax.generate --model DIR|FILE.gguf [--adapter DIR] --prompt TEXT [--chat|--no-chat]
         [--max_new_tokens N] [--temperature T] [--top_p P] [--seed S] [--dtype float32|bfloat16]
 
 `--chat` (default) renders the prompt as a user turn with the model's chat template and stops at
@@ -16,7 +16,9 @@ from absl import app, flags
 from mixat_jax import cli as cli_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "HF model directory (or hub id, downloaded on request).")
+flags.DEFINE_string(
+    "model", None, "HF model directory, llama.cpp .gguf file, or hub id (downloaded on request)."
+)
 flags.DEFINE_string("adapter", None, "PEFT LoRA adapter directory.")
 flags.DEFINE_string("prompt", None, "Prompt text.")
 flags.DEFINE_boolean("chat", True, "Render the prompt with the chat template.")

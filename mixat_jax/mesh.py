@@ -5,6 +5,14 @@ table maps logical names to mesh axes. A dimension that the mesh axis does not d
 replicated (so tiny test models run on any mesh), and a mesh axis is never used twice in one spec.
 Batches shard their leading axis over ("data", "fsdp"). The same code runs on 1 CPU, 8 simulated
 CPU devices, a GPU node or a TPU pod.
+
+Device order (issue #16 "Batch placement"): :func:`device_grid` lays devices out in their
+physical order (``mesh_utils.create_device_mesh``, what ``jax.make_mesh`` uses: a torus-aware
+order on TPU, id order on GPU). On a multi-slice job (devices carry ``slice_index``, S > 1
+slices) the ``mesh`` block describes ONE slice (its ``-1`` resolves over the devices of a slice)
+and the mesh is hybrid (``mesh_utils.create_hybrid_device_mesh``): only the data axis crosses
+slices (DCN), fsdp and tensor stay inside a slice (ICI), so ``mesh.shape["data"] = S ×
+mesh.data``. :func:`batch_shards` is the number of batch shards (data × fsdp).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "fsdp", "tensor")
@@ -58,12 +67,48 @@ class MeshConfig:
         return tuple(dims)
 
 
+def num_slices(devices: Sequence[jax.Device]) -> int:
+    """Number of slices the devices span (``slice_index``; 1 where devices have none)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def device_grid(cfg: MeshConfig, devices: Sequence[jax.Device]) -> np.ndarray:
+    """``[data, fsdp, tensor]`` array of ``devices`` in physical order (hybrid across slices)."""
+    devices = list(devices)
+    slices = num_slices(devices)
+    if slices == 1:
+        return mesh_utils.create_device_mesh(cfg.shape(len(devices)), devices)
+    per_slice = {}
+    for d in devices:
+        per_slice[d.slice_index] = per_slice.get(d.slice_index, 0) + 1
+    if len(set(per_slice.values())) != 1:
+        raise ValueError(
+            f"slices hold different device counts {sorted(per_slice.items())}; run on whole "
+            "slices of one topology"
+        )
+    try:
+        ici = cfg.shape(len(devices) // slices)  # the mesh block describes one slice
+    except ValueError as e:
+        raise ValueError(
+            f"{e} (multi-slice: the mesh block describes ONE of the {slices} "
+            "slices; the data axis is split over the slices as well)"
+        ) from None
+    return mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices)
+
+
 def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over ``devices`` (default: all), see the module doc."""
     cfg = cfg or MeshConfig()
     devices = list(devices if devices is not None else jax.devices())
-    shape = cfg.shape(len(devices))
-    arr = np.asarray(devices, dtype=object).reshape(shape)
-    return Mesh(arr, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    types = (AxisType.Auto,) * len(AXES)
+    if num_slices(devices) == 1:
+        return jax.make_mesh(cfg.shape(len(devices)), AXES, axis_types=types, devices=devices)
+    return Mesh(device_grid(cfg, devices), AXES, axis_types=types)
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """Shards of a batch's leading (slot) axis: data × fsdp."""
+    return int(mesh.shape["data"] * mesh.shape["fsdp"])
 
 
 def spec_for(

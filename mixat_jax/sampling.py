@@ -1,4 +1,5 @@
-"""Batched, jitted text generation with a KV cache (greedy, temperature, top-p; EOS/end-of-turn stop).
+"""Batched, jitted text generation with a KV cache (greedy, temperature, top-k, top-p;
+EOS/end-of-turn stop).
 
 `generate_tokens` is a pure function of (graphdef, state, left-padded prompt ids): one prefill
 pass writes the prompt into the cache, then a `lax.while_loop` decodes one token per step and
@@ -6,6 +7,12 @@ stops as soon as every row has emitted a stop token. `TextGenerator` wraps it fo
 judges and evaluation (the interface in WORKSPACE.md): it renders chat prompts, buckets prompt
 lengths and batch sizes (few compiles), and decodes completions. Also provides next-token
 log-probabilities (classifier judges) and continuation log-likelihoods (multiple-choice utility).
+
+Random streams (issue #17): `generate_tokens` takes one key for the batch or one key per row; a
+row key is folded with the decoding step, so a row's samples depend only on its own key and its
+logits, not on the other rows of its batch. `TextGenerator.generate(..., seeds=[...])` gives
+every prompt its own seed (the evaluation derives it from the record's identity, so a resumed or
+re-batched run draws the same samples).
 """
 
 from __future__ import annotations
@@ -24,17 +31,25 @@ from mixat_jax.hf.load import load_pretrained
 from mixat_jax.models.decoder import Decoder
 
 
-def sample_logits(logits_BxV: jax.Array, key: jax.Array, temperature, top_p) -> jax.Array:
-    """Greedy when temperature == 0, else nucleus sampling at `temperature`/`top_p`."""
+def sample_logits(logits_BxV: jax.Array, key: jax.Array, temperature, top_p, top_k=0) -> jax.Array:
+    """Greedy when temperature == 0, else sampling at `temperature` from the `top_k` most likely
+    tokens (0 = all; HF order: top-k first, then top-p) restricted to the nucleus `top_p`.
+    `key`: one key for the batch, or one key per row (shape [B])."""
     greedy = jnp.argmax(logits_BxV, axis=-1)
     t = jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-6)
     logits = logits_BxV / t
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    rank = jnp.arange(sorted_logits.shape[-1])
+    k = jnp.asarray(top_k, jnp.int32)
+    sorted_logits = jnp.where((k <= 0) | (rank < k), sorted_logits, -jnp.inf)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
     sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)
-    choice = jax.random.categorical(key, sorted_logits, axis=-1)
+    if key.ndim == 0:
+        choice = jax.random.categorical(key, sorted_logits, axis=-1)
+    else:
+        choice = jax.vmap(jax.random.categorical)(key, sorted_logits)
     sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
     return jnp.where(temperature > 0, sampled, greedy)
 
@@ -51,13 +66,15 @@ def generate_tokens(
     top_p: jax.Array,
     pad_id: jax.Array,
     emb_BxPxD: jax.Array | None = None,
+    top_k: jax.Array | int = 0,
     *,
     max_new_tokens: int,
 ) -> tuple[jax.Array, jax.Array]:
     """Returns (tokens [B, T] with `pad_id` after the stop token, lengths [B] excluding it).
 
     Prompts must be LEFT-padded so that position P-1 is real for every row. `emb_BxPxD`, if given,
-    replaces the prompt's token embeddings (e.g. a continuous-attack perturbed prompt).
+    replaces the prompt's token embeddings (e.g. a continuous-attack perturbed prompt). `key`:
+    one key (split per step) or one key per row (shape [B]; step t samples with fold_in(key, t)).
     """
     model: Decoder = nnx.merge(graphdef, state)
     b, p = ids_BxP.shape
@@ -75,8 +92,11 @@ def generate_tokens(
 
     def body(carry):
         t, cache, logits, out, done, lengths, key = carry
-        key, sub = jax.random.split(key)
-        tok = sample_logits(logits[:, 0], sub, temperature, top_p).astype(jnp.int32)
+        if key.ndim == 0:
+            key, sub = jax.random.split(key)
+        else:
+            sub = jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, t)
+        tok = sample_logits(logits[:, 0], sub, temperature, top_p, top_k).astype(jnp.int32)
         is_stop = jnp.isin(tok, stop_ids)
         tok = jnp.where(done, pad_id, tok)
         out = out.at[:, t].set(jnp.where(is_stop | done, pad_id, tok))
@@ -155,13 +175,25 @@ class TextGenerator:
         max_new_tokens: int,
         temperature: float = 0.0,
         top_p: float = 1.0,
+        top_k: int = 0,
         seed: int = 0,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[int]]:
+        """`seeds` (one per prompt): each row samples from its own key, so its tokens do not
+        depend on the batch it lands in; else one key per batch derived from `seed`."""
+        if seeds is not None and len(seeds) != len(prompt_ids):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompt_ids)} prompts; pass one each")
         results: list[list[int]] = []
         key = jax.random.key(seed)
         for start in range(0, len(prompt_ids), self.batch_size):
             chunk = list(prompt_ids[start : start + self.batch_size])
             n = len(chunk)
+            if seeds is None:
+                keys = jax.random.fold_in(key, start)
+            else:
+                row_seeds = list(seeds[start : start + n])
+                row_seeds += [row_seeds[-1]] * (self.batch_size - n)
+                keys = jax.vmap(jax.random.key)(jnp.asarray(row_seeds, jnp.uint32))
             longest = max(len(c) for c in chunk)
             if longest > self.max_prompt_tokens:
                 raise ValueError(
@@ -174,11 +206,12 @@ class TextGenerator:
                 self.state,
                 jnp.asarray(ids),
                 jnp.asarray(mask),
-                jax.random.fold_in(key, start),
+                keys,
                 self.stop_ids,
                 jnp.float32(temperature),
                 jnp.float32(top_p),
                 jnp.int32(self.pad_id),
+                top_k=jnp.int32(top_k),
                 max_new_tokens=int(max_new_tokens),
             )
             toks, lens = np.asarray(toks), np.asarray(lens)
@@ -192,12 +225,20 @@ class TextGenerator:
         max_new_tokens: int,
         temperature: float = 0.0,
         top_p: float = 1.0,
+        top_k: int = 0,
         seed: int = 0,
+        seeds: Sequence[int] | None = None,
         chat: bool = True,
     ) -> list[str]:
         ids = self.encode_prompts(prompts, chat=chat)
         outs = self.generate_ids(
-            ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+            ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            seeds=seeds,
         )
         return [self.tokenizer.decode(o, skip_special_tokens=True) for o in outs]
 

@@ -6,7 +6,8 @@
 
 Writes ``OUT/config.json``, ``OUT/metrics.jsonl`` (one record per optimizer step),
 TensorBoard events in ``OUT/tb``, orbax checkpoints in ``OUT/checkpoints`` and, at the end,
-the PEFT adapter in ``OUT/adapter``. ``configs/demo.py`` runs the embedded demo instead
+the PEFT adapter in ``OUT/adapter``. ``OUT`` may be a ``gs://`` URL (all of it is written there
+through ``mixat_jax.storage``; needs ``pip install 'etils[epath-gcs]'``). ``configs/demo.py`` runs the embedded demo instead
 (measure → MixAT → measure; ``--workdir`` defaults to ``runs/demo``), ``configs/dat_demo.py``
 the embedded DAT demo (Stage A → DAT and CAT → measure; ``demo.kind="dat"``). Re-running the same command resumes from the newest
 checkpoint. SIGTERM saves a checkpoint and exits with status 143, Ctrl-C (SIGINT) likewise with
@@ -50,7 +51,7 @@ def main(argv) -> int:
     workdir = FLAGS.workdir or (config.demo.workdir if is_demo else None)
     if not workdir:
         raise ValueError("--workdir is required")
-    cli_lib.check_output_dir(workdir)
+    cli_lib.check_output_dir(workdir, allow_url=not is_demo)  # a gs:// workdir: training only
     if FLAGS.verbosity == 0:  # orbax/absl INFO chatter off unless -v is given
         logging.set_verbosity(logging.WARNING)
     import jax

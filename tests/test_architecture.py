@@ -24,7 +24,7 @@ PKG = ROOT / "mixat_jax"
 # Lowest first. A module's layer is that of its longest matching prefix.
 LAYERS: tuple[tuple[str, ...], ...] = (
     # 0 foundations: model definitions, device mesh, chat rendering, data records, config types
-    ("models", "mesh", "chat", "tokenizer_build", "behaviors", "config_types", "cli"),
+    ("models", "mesh", "chat", "tokenizer_build", "behaviors", "config_types", "cli", "storage"),
     # 1 weights in/out, adapters, generation, shared objectives, masked diffusion
     ("hf", "lora", "sampling", "objectives", "diffusion", "tiny_model"),
     # 2 attacks and judges (and the offline PAP pool they feed training with)
@@ -34,7 +34,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # 4 robustness evaluation
     ("evaluation",),
     # 5 demo and entry points
-    ("demo", "train", "attack", "evaluate", "generate", "inpaint", "dat_sample", ""),
+    ("demo", "train", "attack", "evaluate", "generate", "inpaint", "dat_sample", "convert", ""),
 )
 
 

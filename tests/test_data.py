@@ -303,21 +303,32 @@ def test_stack_and_host_local_batch():
 def test_compose_fixed_and_reference():
     stream = D.shuffled_epoch(D.interleave(_adv(40), _util(1000), seed=0), epoch=0, seed=0)
     n_adv = sum(isinstance(r, D.AdvRow) for r in stream)
+    n_util = len(stream) - n_adv
     fixed = B.compose_epoch(stream, B.BatchLayout(adv_slots=1, util_slots=7))
-    assert all(len(m.adv_rows) <= 1 and len(m.util_rows) <= 7 for m in fixed)
-    assert B.count_adv_rows(fixed) == n_adv == 40
-    assert sum(len(m.util_rows) for m in fixed) == len(stream) - n_adv
+    # every slot filled (issue #17); the longer source is used exactly once, the shorter cycles
+    assert all(len(m.adv_rows) == 1 and len(m.util_rows) == 7 for m in fixed)
+    assert len(fixed) == max(n_adv, -(-n_util // 7))
+    assert {id(r) for m in fixed for r in m.adv_rows} == {
+        id(r) for r in stream if isinstance(r, D.AdvRow)
+    }
+    assert {id(r) for m in fixed for r in m.util_rows} == {
+        id(r) for r in stream if isinstance(r, D.UtilityRow)
+    }
 
     ref_layout = B.BatchLayout(
         adv_slots=2, util_slots=8, composition="reference", micro_batch_size=8
     )
     ref = B.compose_epoch(stream, ref_layout)
-    assert all(len(m.adv_rows) <= 2 and len(m.util_rows) <= 8 for m in ref)
-    flat = [r for m in ref for r in (*m.adv_rows, *m.util_rows)]
-    assert sorted(map(id, flat)) == sorted(map(id, stream))  # each row exactly once
-    assert len(ref) >= -(-len(stream) // 8)
+    # exact: micro-batch i holds exactly the rows of chunk i (nothing carried over)
+    assert len(ref) == -(-len(stream) // 8)
+    for i, m in enumerate(ref):
+        chunk = stream[8 * i : 8 * (i + 1)]
+        assert [id(r) for r in m.adv_rows] == [id(r) for r in chunk if isinstance(r, D.AdvRow)]
+        assert [id(r) for r in m.util_rows] == [id(r) for r in chunk if isinstance(r, D.UtilityRow)]
     counts = [len(m.adv_rows) for m in ref]
     assert len(set(counts)) > 1  # the number of adversarial rows varies (reference behaviour)
+    packing = B.packing_layout(ref_layout, ref)
+    assert packing.adv_slots == max(2, max(counts)) and packing.micro_batch_size == 8
 
 
 # ------------------------------------------------------------------------------ synthetic

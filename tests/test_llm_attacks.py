@@ -124,7 +124,9 @@ def test_is_refusal() -> None:
 def test_builtin_templates_all_used() -> None:
     templates = builtin_templates()
     assert 8 <= len(templates) <= 12
-    cases = HumanJailbreaks().generate_test_cases(BEHAVIORS, seed=0)
+    cases = HumanJailbreaks(HumanJailbreaksConfig(template_set="project")).generate_test_cases(
+        BEHAVIORS, seed=0
+    )
     assert len(cases["b0"]) == len(templates)  # no [:-1] slicing
     assert all(BEHAVIORS[0].behavior in c and SLOT not in c for c in cases["b0"])
     assert all(behavior_with_context(BEHAVIORS[1]) in c for c in cases["b1"])
@@ -145,7 +147,7 @@ def test_user_template_files(tmp_path: Path) -> None:
     assert ts[0].fill("REQ") == "A REQ {not_a_slot}"
     c = tmp_path / "t.csv"
     c.write_text('name,template\ncsv1,"Go: {behavior}"\n')
-    att = HumanJailbreaks(HumanJailbreaksConfig(templates_path=str(c), include_builtin=False))
+    att = HumanJailbreaks(HumanJailbreaksConfig(templates_path=str(c), template_set="none"))
     assert att.generate_test_cases(BEHAVIORS[:1])["b0"] == ["Go: " + BEHAVIORS[0].behavior]
 
 
@@ -510,8 +512,9 @@ def test_autodan_budget_population_and_determinism() -> None:
     assert all(
         x >= y for x, y in zip(res.loss_history, res.loss_history[1:], strict=False)
     )  # elitism
-    assert BEHAVIORS[0].behavior in res.best_prompt and SLOT in res.best_template
-    assert behavior_with_context(BEHAVIORS[1]) in ad.results["b1"].best_prompt
+    # the request fills the slot lower-cased, as AutoDAN / HarmBench do
+    assert BEHAVIORS[0].behavior.lower() in res.best_prompt and SLOT in res.best_template
+    assert behavior_with_context(BEHAVIORS[1]).lower() in ad.results["b1"].best_prompt
     again = AutoDAN(_mutator(), _fitness([]), cfg).generate_test_cases(BEHAVIORS, seed=0)
     assert again == cases
 
@@ -528,7 +531,7 @@ def test_autodan_early_stop_and_word_level() -> None:
     ad2 = AutoDAN(
         _mutator(),
         _fitness([]),
-        AutoDANConfig(num_steps=6, population_size=8, word_swap_prob=1.0),
+        AutoDANConfig(num_steps=6, population_size=8),
         synonyms=lambda w: syn.get(w, []),
     )
     assert ad2.run(BEHAVIORS[:1], seed=0)["b0"].steps_run == 6

@@ -33,11 +33,11 @@ trainer, ``configs/cat.py:llama3_8b,upstream``):
 
 Memory/devices: AOT per device (``python bench/aot_memory.py --config configs/dat/llama3_8b.py
 --meshes 1x8x1``: this config's step, layout, LoRA and remat at Llama-3-8B shapes, 8 simulated
-CPU devices; bench/results/aot_memory_dat_llama3_8b.md): fsdp=8 15.1 GiB. The 1 + 7 slots do
-not divide 8 devices, so the rows are replicated and the weights FSDP-sharded; the data-parallel
-layout with the same 64 rows per step is ``--config.batch.adv_slots=8
---config.batch.util_slots=56 --config.grad_accum=1`` (1 + 7 rows per device; one token mean over
-the step instead of the mean of 8 micro-batch means). Recommended: 8 accelerators with >= 24 GB.
+CPU devices; bench/results/aot_memory_dat_llama3_8b.md): fsdp=8 15.1 GiB. Each of the data x fsdp batch shards gets its own 1 + 7 composition (issue #16), so on 8 devices
+``grad_accum`` 8 means 8 x 8 x 8 = 512 rows per step; the paper's 64 rows per step on 8 devices is
+``--config.grad_accum=1`` (1 + 7 rows per device, the same step shapes as the AOT figure above: 8
+adversarial + 56 utility slots; one token mean over the step instead of the mean of 8 micro-batch
+means). Recommended: 8 accelerators with >= 24 GB.
 """
 
 import pathlib

@@ -10,12 +10,16 @@
 
 Behaviours: the fixed 40-behaviour subset (`subset=mixat40`) of the HarmBench test split; use
 `--config.subset=no_copyright` for the 240-behaviour RUN_ALL set. Attacks: DirectRequest,
-PAP (10 techniques → 10 test cases), TAP (depth 3, width 3, branching 4), PAIR (20 streams ×
-3 steps), AutoDAN (100 steps, population 64), GCG (HarmBench preset, 500 steps, width 512,
-20-token "! " init) and HumanJailbreaks (all templates). Judge: the HarmBench classifier; greedy
-completions of 512 new tokens. The reference used Mixtral-8x7B as PAIR/TAP attacker, GPT-4o as
-their judge and Mistral-7B-Instruct-v0.2 as the AutoDAN mutator: here all are local models
-(`--config.<role>_model=DIR`, or '@target' for the target itself).
+PAP (10 techniques -> 10 test cases; T 1.0, top-p 0.7, top-k 50, <= 2,048 new tokens as in
+HarmBench's PAP config), TAP (depth 3, width 3, branching 4), PAIR (20 streams x 3 steps),
+AutoDAN (AutoDAN-HGA: 100 steps, population 64, AutoDAN's reference initial prompt, word-level
+synonym crossover; see attacks/autodan.py for what differs), GCG (HarmBench preset, 500 steps,
+width 512, 20-token "! " init, HarmBench's candidate filter) and HumanJailbreaks (HarmBench's
+own 114 templates, all of them; the project's 11 are an opt-in extra:
+`--config.attack.HumanJailbreaks.template_set=harmbench+project`). Judge: the HarmBench
+classifier; greedy completions of 512 new tokens. The reference used Mixtral-8x7B as PAIR/TAP
+attacker, GPT-4o as their judge and Mistral-7B-Instruct-v0.2 as the AutoDAN mutator: here all
+are local models (`--config.<role>_model=DIR`, or '@target' for the target itself).
 """
 
 from mixat_jax.evaluation.run_config import base_config
@@ -30,10 +34,14 @@ def get_config():
     c.judge = "harmbench"
     c.helpers_default_to_target = False
     a = c.attack
-    a.PAP.num_techniques = 10
+    a.PAP.update({"num_techniques": 10, "max_new_tokens": 2048, "top_k": 50, "top_p": 0.7})
     a.TAP.update({"depth": 3, "width": 3, "branching_factor": 4})
     a.PAIR.update({"n_streams": 20, "n_steps": 3})
-    a.AutoDAN.update({"num_steps": 100, "population_size": 64})
-    a.GCG.update({"preset": "harmbench", "num_steps": 500, "search_width": 512})
-    a.HumanJailbreaks.num_templates = 0
+    a.AutoDAN.update(
+        {"num_steps": 100, "population_size": 64, "initial": "autodan", "word_level": True}
+    )
+    a.GCG.update(
+        {"preset": "harmbench", "num_steps": 500, "search_width": 512, "filter_mode": "harmbench"}
+    )
+    a.HumanJailbreaks.update({"template_set": "harmbench", "num_templates": 0})
     return c

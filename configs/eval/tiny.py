@@ -25,7 +25,8 @@ def get_config():
     c.judge = "refusal"
     c.n_bootstrap = 200
     a = c.attack
-    a.HumanJailbreaks.num_templates = 2
+    # The project's short templates keep prompts tiny (HarmBench's are ~2k characters each).
+    a.HumanJailbreaks.update({"template_set": "project", "num_templates": 2})
     a.PAP.update({"num_techniques": 2, "max_new_tokens": 8, "max_retries": 0, "n_per_technique": 1})
     a.GCG.update(
         {"preset": "harmbench", "num_steps": 2, "search_width": 16, "topk": 16, "behaviors_per_run": 2,

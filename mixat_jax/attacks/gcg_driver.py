@@ -6,7 +6,8 @@ inputs, one ``SuffixBuffer`` and one trajectory per behaviour. ``start_run`` bui
 caches computed once); ``GCGRun.init_buffers`` fills buffers of ``buffer_size > 1`` with random
 suffixes (nanoGCG); each ``GCGRun.step`` runs one compiled ``gcg.batched_gcg_step`` from every
 buffer's best suffix, accepts the best of the step's top-M candidates that retokenises in the
-full prompt (``gcg_filters``), offers it to the buffer, and runs the optional HarmBench refusal
+full prompt (``gcg_filters``; ``filter_mode="harmbench"``: the best of all candidates that pass
+HarmBench's suffix-alone check, or the overall best when none passes), offers it to the buffer, and runs the optional HarmBench refusal
 check (greedy completion without a refusal substring: stop); ``GCGRun.results`` gives one
 ``GCGResult`` per behaviour. This module imports ``gcg``; ``gcg`` never imports it.
 """
@@ -40,7 +41,12 @@ from mixat_jax.attacks.gcg import (
     reuse_levels,
     round_up,
 )
-from mixat_jax.attacks.gcg_filters import PromptSlots, allowed_token_mask, slot_prompt
+from mixat_jax.attacks.gcg_filters import (
+    PromptSlots,
+    allowed_token_mask,
+    retokenizes_alone,
+    slot_prompt,
+)
 from mixat_jax.attacks.gcg_presets import GCGConfig
 from mixat_jax.chat import ChatRenderer
 from mixat_jax.judges.refusal import refusal_substrings
@@ -79,6 +85,7 @@ class GCGResult:
     best_test_case: str = ""  # the instruction with the best suffix in its slot
     final_string: str = ""  # the last step's suffix (HarmBench/MixAT use the last one)
     final_test_case: str = ""
+    all_filtered_steps: int = 0  # filter_mode="harmbench": steps where every candidate failed
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {"best_ids": list(self.best_ids)}
@@ -176,7 +183,7 @@ def step_spec(
         spread=cfg.positions == "spread",
         use_mellowmax=cfg.use_mellowmax,
         mellowmax_alpha=float(cfg.mellowmax_alpha),
-        top_m=min(cfg.filter_topm if cfg.filter_ids else 1, w),
+        top_m=_top_m(cfg),
         data_axes=data_axes,
         order=order,
         buckets=buckets,
@@ -244,6 +251,16 @@ class Trajectory:
     done: bool = False
     stopped: bool = False  # early stop (every target token argmax, or no refusal)
     steps_run: int = 0
+    all_filtered: int = 0  # steps where every candidate failed HarmBench's filter (all kept)
+
+
+def _top_m(cfg: GCGConfig) -> int:
+    """Candidates returned (loss order) for the filter: all of them in HarmBench's mode."""
+    if not cfg.filter_ids:
+        return 1
+    if cfg.filter_mode == "harmbench":
+        return cfg.search_width
+    return min(cfg.filter_topm, cfg.search_width)
 
 
 @dataclasses.dataclass
@@ -323,15 +340,25 @@ class GCGRun:
         cur_loss, cur_ids = buf.best
         if not np.isfinite(cur_loss):  # first step: the init's loss
             buf.items[0] = (float(out["cur_loss"][b]), cur_ids)
-        chosen = None
+        harmbench = cfg.filter_mode == "harmbench"
+        chosen = first = None
         for m in range(self.spec.top_m):
             loss_m = float(out["top_loss"][b, m])
             if not np.isfinite(loss_m):
                 break
             ids_m = tuple(int(t) for t in out["top_ids"][b, m])
-            if not cfg.filter_ids or slots.retokenizes(self.renderer, ids_m):
-                chosen = (loss_m, ids_m, bool(out["top_hit"][b, m]))
+            cand = (loss_m, ids_m, bool(out["top_hit"][b, m]))
+            first = first or cand
+            if not cfg.filter_ids or (
+                retokenizes_alone(tok, ids_m)
+                if harmbench
+                else slots.retokenizes(self.renderer, ids_m)
+            ):
+                chosen = cand
                 break
+        if chosen is None and harmbench:  # every candidate failed: HarmBench keeps them all
+            chosen = first
+            track.all_filtered += first is not None
         accepted = chosen is not None and buf.offer(chosen[0], chosen[1])
         loss_now, ids_now = buf.best
         if cfg.accept_worse and accepted:
@@ -380,6 +407,7 @@ class GCGRun:
                     best_test_case=q.slots.test_case(tok, best_ids),
                     final_string=track.strings[-1] if track.strings else "",
                     final_test_case=q.slots.test_case(tok, buf.best[1]),
+                    all_filtered_steps=track.all_filtered,
                 )
             )
         return results

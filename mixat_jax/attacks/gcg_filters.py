@@ -10,6 +10,8 @@ Implements:
     overlap the ``{optim_str}`` text in the full tokenisation, so a space the template puts
     before the slot joins the first suffix token (" x") exactly as it would in the real prompt.
   * ``PromptSlots.retokenizes``: decode→encode of a candidate *in context* reproduces the ids.
+  * ``retokenizes_alone``: HarmBench's check — decode→encode of the suffix *on its own* (no
+    special tokens) reproduces the ids (``filter_mode="harmbench"``, issue #17).
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ def _decode(tokenizer, ids) -> str:
     return tokenizer.decode(
         list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
     )
+
+
+def retokenizes_alone(tokenizer, suffix_ids) -> bool:
+    """HarmBench's filter: the decoded suffix re-encodes (no special tokens) to the same ids."""
+    ids = [int(t) for t in suffix_ids]
+    return tokenizer(_decode(tokenizer, ids), add_special_tokens=False)["input_ids"] == ids
 
 
 def banned_token_mask(tokenizer, vocab_size: int, *, allow_non_ascii: bool = False) -> np.ndarray:

@@ -5,10 +5,21 @@ Presets:
     per candidate at a random position, the step's best candidate always replaces the current
     suffix (nanoGCG's ``buffer_size=0``), best-over-steps reported.
   * ``harmbench``: HarmBench GCG — 500 steps, "! "×20 init, width 512, top-k 256, one swap at
-    evenly spread positions, always accept the step's argmin, refusal check (32 greedy tokens)
-    every 50 steps once the loss is below 0.05.
+    evenly spread positions, HarmBench's candidate filter (``filter_mode="harmbench"``), always
+    accept the step's argmin, refusal check (32 greedy tokens) every 50 steps once the loss is
+    below 0.05.
   * ``mixat_train``: the MixAT training variant of ``harmbench`` (100 steps; the last step's suffix
     is the training test case).
+
+Retokenisation filter (``filter_ids``, issue #17), two modes:
+  * ``filter_mode="topm"`` (default, ``nanogcg``, ``mixat_train``): the ``filter_topm`` lowest-loss
+    candidates are checked in loss order *in the full prompt context* (decode the suffix, render
+    the prompt, re-encode: same ids); the first that passes is taken; when none of them passes,
+    the suffix is left unchanged for that step.
+  * ``filter_mode="harmbench"`` (``harmbench`` preset): HarmBench ``gcg.py``: the *whole*
+    candidate set is filtered with HarmBench's check (the suffix decoded and re-encoded on its
+    own, no special tokens) and the argmin of the survivors is taken; when every candidate fails,
+    all are kept (the overall argmin is taken, unchecked).
 
 Deliberate default (no preset): ``accept_worse=False`` keeps the best suffix found so far (never
 accepts a worse candidate), which with ``buffer_size=0`` equals nanoGCG's ``buffer_size=1``.
@@ -19,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 
 POSITIONS = ("random", "spread")
+FILTER_MODES = ("topm", "harmbench")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +53,7 @@ class GCGConfig:
     allow_non_ascii: bool = False
     filter_ids: bool = True  # retokenisation check in the full prompt context
     filter_topm: int = 16  # best candidates checked per step (first that passes is taken)
+    filter_mode: str = "topm"  # "topm" | "harmbench" (module docstring)
     add_space_before_target: bool = False
     check_refusal: bool = False
     eval_steps: int = 50
@@ -68,6 +81,10 @@ class GCGConfig:
         if self.positions not in POSITIONS:
             raise ValueError(
                 f"GCGConfig.positions must be one of {POSITIONS}, got {self.positions!r}"
+            )
+        if self.filter_mode not in FILTER_MODES:
+            raise ValueError(
+                f"GCGConfig.filter_mode must be one of {FILTER_MODES}, got {self.filter_mode!r}"
             )
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"GCGConfig.batch_size must be >= 1 or None, got {self.batch_size}")
@@ -99,6 +116,7 @@ PRESETS: dict[str, GCGConfig] = {
         num_steps=500,
         optim_str_init=" ".join(["!"] * 20),
         positions="spread",
+        filter_mode="harmbench",
         accept_worse=True,
         check_refusal=True,
     ),

@@ -54,6 +54,7 @@ class TextGenerator(Protocol):
         max_new_tokens: int,
         temperature: float = 0.0,
         top_p: float = 1.0,
+        top_k: int = 0,
         seed: int = 0,
         chat: bool = True,
     ) -> list[str]: ...
@@ -245,6 +246,7 @@ class GenerateCall:
     top_p: float
     seed: int
     chat: bool
+    top_k: int = 0
 
 
 @dataclass
@@ -266,13 +268,14 @@ class ScriptedGenerator:
         max_new_tokens: int,
         temperature: float = 0.0,
         top_p: float = 1.0,
+        top_k: int = 0,
         seed: int = 0,
         chat: bool = True,
     ) -> list[str]:
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
         self.calls.append(
-            GenerateCall(tuple(prompts), max_new_tokens, temperature, top_p, seed, chat)
+            GenerateCall(tuple(prompts), max_new_tokens, temperature, top_p, seed, chat, top_k)
         )
         return [self.respond(p, seed + i) for i, p in enumerate(prompts)]
 

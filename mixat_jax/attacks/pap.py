@@ -2,7 +2,9 @@
 
 A local rewriter model paraphrases each behaviour with a persuasion technique from
 :mod:`persuasion_taxonomy` (one-shot instruction: technique name, definition, example), keeping
-the same goal.  Sampling defaults follow the MixAT PAP config (T=1.0, top_p=0.7, ≤200 new tokens).
+the same goal.  Sampling defaults follow the MixAT PAP config (T=1.0, top_p=0.7, top_k=50,
+≤200 new tokens; issue #17: top-k of the reference's Together API call); HarmBench's evaluation PAP
+config allows 2,048 new tokens (`PAPConfig.harmbench_eval`, the evaluation suite's base).
 Outputs are cleaned (strip, one quote layer, "Here is ..." preambles) and rejected when they are
 empty, a refusal by the rewriter, the error string, or longer than a token budget; rejected
 samples are re-drawn up to ``max_retries`` times with fresh seeds.
@@ -79,6 +81,7 @@ class PAPConfig:
     n_per_technique: int = 1
     temperature: float = 1.0
     top_p: float = 0.7
+    top_k: int = 50
     max_new_tokens: int = 200
     max_retries: int = 3
     max_rewrite_tokens: int | None = None
@@ -97,11 +100,18 @@ class PAPConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
 
     @classmethod
     def training(cls, **overrides: Any) -> PAPConfig:
         """MixAT training preset: all 40 techniques."""
         return cls(**{"num_techniques": len(PERSUASION_TECHNIQUES), **overrides})
+
+    @classmethod
+    def harmbench_eval(cls, **overrides: Any) -> PAPConfig:
+        """HarmBench's evaluation PAP config: the first 10 techniques, up to 2,048 new tokens."""
+        return cls(**{"num_techniques": 10, "max_new_tokens": 2048, **overrides})
 
 
 @dataclass(frozen=True)
@@ -251,6 +261,7 @@ class PAPRewriter:
                     max_new_tokens=self.cfg.max_new_tokens,
                     temperature=self.cfg.temperature,
                     top_p=self.cfg.top_p,
+                    top_k=self.cfg.top_k,
                     seed=s,
                 )
                 for job, raw in zip(group, outs, strict=True):

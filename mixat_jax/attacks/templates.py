@@ -1,10 +1,22 @@
-"""HumanJailbreaks-style template attack (spec mixat.md §8.1, HarmBench ``HumanJailbreaks``).
+"""HumanJailbreaks template attack (spec mixat.md §8.1, HarmBench ``HumanJailbreaks``).
 
-Every template is a jailbreak wrapper containing the slot ``{behavior}``; the test cases of a
-behaviour are all templates filled with its (contextualised, §8.1) request text.  Unlike the
-reference, *all* templates are used (HarmBench's ``[:-1]`` slice dropped the last one, spec §11.21).
+Every template is a jailbreak wrapper around the request; the test cases of a behaviour are all
+templates filled with its (contextualised, §8.1) request text.  Unlike the reference, *all*
+templates are used (HarmBench's ``[:-1]`` slice dropped the last one, spec §11.21).
 
-Template file formats (user supplied; the bundled set is ``data/jailbreak_templates.json``):
+Template sets (``HumanJailbreaksConfig.template_set``, issue #17):
+
+* ``"harmbench"`` (default, HarmBench parity): HarmBench's own 114 human jailbreak templates,
+  shipped as package data ``data/harmbench_human_jailbreaks.json`` (MIT, attribution in
+  ``data/HARMBENCH_LICENSE.txt``).  They are Python ``str.format`` strings filled exactly as
+  HarmBench does (``template.format(request)``: ``{0}`` = request, doubled braces are literal);
+  as in the source, two have no placeholder (their test case is the template alone) and one is
+  duplicated.
+* ``"project"``: the 11 templates written for this project (``data/jailbreak_templates.json``:
+  role-play, hypothetical, prefix injection, ...) — an opt-in extra, not HarmBench's attack.
+* ``"harmbench+project"``: both; ``"none"``: only the user's ``templates_path``.
+
+Template file formats (user supplied, and the project set):
 
 * JSON: either a list of templates or an object ``{"templates": [...]}``; each template is an
   object ``{"name": str, "text": str}`` or a bare string (named ``template_<index>``).
@@ -27,27 +39,36 @@ from mixat_jax.attacks.llm_interface import BehaviorLike, validate_behaviors
 
 __all__ = [
     "BUILTIN_TEMPLATES_PATH",
+    "HARMBENCH_TEMPLATES_PATH",
+    "TEMPLATE_SETS",
     "HumanJailbreaks",
     "HumanJailbreaksConfig",
     "JailbreakTemplate",
     "SLOT",
     "builtin_templates",
+    "harmbench_templates",
     "load_templates",
     "validate_templates",
 ]
 
 SLOT = "{behavior}"
 BUILTIN_TEMPLATES_PATH = Path(__file__).parent / "data" / "jailbreak_templates.json"
+HARMBENCH_TEMPLATES_PATH = Path(__file__).parent / "data" / "harmbench_human_jailbreaks.json"
+TEMPLATE_SETS = ("harmbench", "project", "harmbench+project", "none")
 
 
 @dataclass(frozen=True)
 class JailbreakTemplate:
-    """A named jailbreak wrapper with a ``{behavior}`` slot."""
+    """A named jailbreak wrapper with a ``{behavior}`` slot, or (``python_format``) a HarmBench
+    ``str.format`` template with ``{0}``."""
 
     name: str
     text: str
+    python_format: bool = False
 
     def fill(self, request: str) -> str:
+        if self.python_format:
+            return self.text.format(request)
         return self.text.replace(SLOT, request)
 
 
@@ -59,7 +80,7 @@ def validate_templates(templates: Sequence[JailbreakTemplate], source: str = "te
     for t in templates:
         if not t.name.strip():
             raise ValueError(f"{source}: a template has an empty name; give every template a name")
-        if SLOT not in t.text:
+        if not t.python_format and SLOT not in t.text:
             raise ValueError(
                 f"{source}: template {t.name!r} lacks the slot {SLOT}; insert it where the "
                 "request text goes"
@@ -120,18 +141,32 @@ def builtin_templates() -> list[JailbreakTemplate]:
     return load_templates(BUILTIN_TEMPLATES_PATH)
 
 
+def harmbench_templates() -> list[JailbreakTemplate]:
+    """HarmBench's 114 human jailbreak templates (package data, MIT), named ``harmbench_<i>``."""
+    doc = json.loads(HARMBENCH_TEMPLATES_PATH.read_text(encoding="utf-8"))
+    return [
+        JailbreakTemplate(f"harmbench_{i}", text, python_format=True)
+        for i, text in enumerate(doc["templates"])
+    ]
+
+
 @dataclass(frozen=True)
 class HumanJailbreaksConfig:
-    """``templates_path``: user file (JSON/CSV); ``include_builtin``: also use the bundled set;
-    ``num_templates``: only the first N templates (0 = all, the protocol)."""
+    """``template_set``: one of `TEMPLATE_SETS` (module docstring; default HarmBench's own list);
+    ``templates_path``: a user file (JSON/CSV) added after the set; ``num_templates``: only the
+    first N templates (0 = all, the protocol)."""
 
+    template_set: str = "harmbench"
     templates_path: str | None = None
-    include_builtin: bool = True
     num_templates: int = 0
 
     def __post_init__(self) -> None:
         if self.num_templates < 0:
             raise ValueError(f"num_templates must be >= 0, got {self.num_templates}")
+        if self.template_set not in TEMPLATE_SETS:
+            raise ValueError(
+                f"template_set must be one of {', '.join(TEMPLATE_SETS)}, got {self.template_set!r}"
+            )
 
 
 class HumanJailbreaks:
@@ -142,15 +177,17 @@ class HumanJailbreaks:
     def __init__(self, cfg: HumanJailbreaksConfig | None = None) -> None:
         self.cfg = cfg or HumanJailbreaksConfig()
         templates: list[JailbreakTemplate] = []
-        if self.cfg.include_builtin:
+        if "harmbench" in self.cfg.template_set:
+            templates += harmbench_templates()
+        if "project" in self.cfg.template_set:
             templates += builtin_templates()
         if self.cfg.templates_path is not None:
             templates += load_templates(self.cfg.templates_path)
         if not templates:
             raise ValueError(
-                "HumanJailbreaks has no templates; set templates_path or include_builtin=True"
+                "HumanJailbreaks has no templates; set templates_path or a template_set"
             )
-        validate_templates(templates, "HumanJailbreaks templates (builtin + user)")
+        validate_templates(templates, "HumanJailbreaks templates (set + user)")
         if self.cfg.num_templates:
             templates = templates[: self.cfg.num_templates]
         self.templates: tuple[JailbreakTemplate, ...] = tuple(templates)

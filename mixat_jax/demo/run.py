@@ -95,6 +95,7 @@ def eval_config(
     c.title = "demo"
     a = c.attack
     a.HumanJailbreaks.num_templates = int(demo.num_templates)
+    a.HumanJailbreaks.template_set = "project"  # the demo's measured set (HarmBench's: eval/mixat)
     a.GCG.update(
         {
             "preset": "harmbench",

@@ -3,34 +3,72 @@
 A cached test case, completion or XSTest completion is reused only when the fingerprint of what
 produced it matches the current run (`cache.py`): the attack's block, seed, helper / diffusion
 models and (for adaptive and white-box attacks) the target; the target model, system prompt and
-sampling settings for completions. Models are identified by resolved path, adapter and dtype.
+sampling settings for completions; the judge and its model for judgements. Models are
+identified by the content of their files (`content_hash.py`: weights, config, tokenizer; the
+adapter's likewise) and their dtype, never by path (issue #17: an adapter retrained in place must
+not reuse the previous adapter's completions).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
 from typing import Any
 
 from mixat_jax.evaluation.cache import fingerprint
-from mixat_jax.evaluation.run_config import TARGET_ALIAS, Resolved
+from mixat_jax.evaluation.run_config import MODEL_JUDGES, TARGET_ALIAS, Resolved
 from mixat_jax.evaluation.suite import AttackPlan
 
 
 def model_id(res: Resolved, path: str) -> list[str]:
-    """Identity of a model directory ('@target' = the target with its adapter and dtype)."""
+    """Identity of a model ('@target' = the target with its adapter and dtype): content
+    fingerprints (sha256) of its files, and the dtype it is loaded in."""
     c = res.cfg
     if path == TARGET_ALIAS:
-        return [str(Path(c.model).resolve()), str(c.adapter), str(c.dtype)]
-    return [str(Path(path).resolve()), str(c.helper_dtype)]
+        adapter = res.content.model(c.adapter)["sha256"] if c.adapter else ""
+        return [res.content.model(c.model)["sha256"], adapter, str(c.dtype)]
+    return [res.content.model(path)["sha256"], str(c.helper_dtype)]
+
+
+def judge_fingerprint(res: Resolved) -> str:
+    """Identity of the judge: its recorded name and, for model judges, its model's content."""
+    c = res.cfg
+    payload: dict[str, Any] = {"judge": res.judge_name}
+    if c.judge in MODEL_JUDGES:
+        payload["model"] = model_id(res, str(c.judge_model))
+    return fingerprint(payload)
+
+
+def model_fingerprints(res: Resolved) -> dict[str, dict[str, Any]]:
+    """role -> {path, sha256, files: {name: sha256}, bytes} of every model the run uses (target,
+    adapter, helpers by role, judge, diffusion model): what the report lists."""
+    c = res.cfg
+    paths: dict[str, str] = {"target": str(c.model)}
+    if c.adapter:
+        paths["adapter"] = str(c.adapter)
+    for role, path in sorted(res.helper_paths.items()):
+        paths[role] = str(c.model) if path == TARGET_ALIAS else path
+    if c.judge in MODEL_JUDGES:
+        paths["judge"] = str(c.model) if c.judge_model == TARGET_ALIAS else str(c.judge_model)
+    if any(p.spec.diffusion for p in res.plans):
+        paths["diffusion_model"] = str(c.diffusion_model)
+    out = {role: dict(res.content.model(path)) for role, path in paths.items()}
+    for role, path in res.helper_paths.items():
+        if path == TARGET_ALIAS:
+            out[role]["same_as"] = "target"
+    return out
 
 
 def attack_fingerprint(res: Resolved, plan: AttackPlan) -> str:
     """Identity of an attack's test cases (sampling settings of the completions excluded)."""
     c = res.cfg
     block = {k: v for k, v in plan.block.items() if k not in ("gen_temperature", "gen_top_p")}
+    cfg = plan.settings.get("cfg")
     payload: dict[str, Any] = {
         "kind": plan.kind,
         "block": block,
+        # the resolved settings too: a changed default or preset (e.g. GCG's filter_mode) must
+        # not reuse test cases made under the old one
+        "settings": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None,
         "seed": int(c.seed),
         "helpers": {r: model_id(res, res.helper_paths[r]) for r in plan.helpers},
     }

@@ -13,8 +13,8 @@ from typing import Any
 
 from mixat_jax.evaluation.alo_asr import compute_alo_asr
 from mixat_jax.evaluation.cache import write_json_atomic, write_jsonl_atomic
-from mixat_jax.evaluation.fingerprints import attack_fingerprint
-from mixat_jax.evaluation.report import write_report
+from mixat_jax.evaluation.fingerprints import attack_fingerprint, model_fingerprints
+from mixat_jax.evaluation.report import model_lines, write_report
 from mixat_jax.evaluation.run_config import Resolved
 
 # (attack, behaviour id, test-case index) -> record
@@ -44,6 +44,7 @@ def run_manifest(res: Resolved) -> dict[str, Any]:
             for p in res.plans
         ],
         "helpers": res.helper_paths,
+        "model_fingerprints": model_fingerprints(res),
         "versions": versions,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -102,10 +103,11 @@ def write_outputs(
             n_bootstrap=int(cfg.n_bootstrap),
             seed=int(cfg.seed),
         )
+        models = model_fingerprints(res)
         write_json_atomic(out / "alo_asr.json", result)
-        write_report(result, out, utility=utility, title=title)
+        write_report(result, out, utility=utility, title=title, models=models)
     elif utility:
-        write_utility_report(out / "report.md", utility, title)
+        write_utility_report(out / "report.md", utility, title, models=model_fingerprints(res))
     if utility:
         write_json_atomic(out / "utility.json", utility)
     return result
@@ -117,10 +119,17 @@ def _flat(prefix: str, value: Any) -> list[tuple[str, Any]]:
     return [] if isinstance(value, list | tuple) else [(prefix, value)]
 
 
-def write_utility_report(path: Path, utility: Mapping[str, Any], title: str) -> Path:
+def write_utility_report(
+    path: Path,
+    utility: Mapping[str, Any],
+    title: str,
+    models: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Path:
     """report.md for a utility-only run (no attacks)."""
     lines = [f"# {title}", "", "## Utility", "", "| metric | value |", "|---|---|"]
     for k, v in _flat("", utility):
         lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
+    if models:
+        lines += [""] + model_lines(models)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

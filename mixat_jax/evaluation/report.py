@@ -49,11 +49,25 @@ def _utility_lines(utility: Mapping[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def model_lines(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The "Models" section: the content fingerprint (sha256 over its files' sha256) of every
+    model the run used, which the caches are keyed on (issue #17)."""
+    lines = ["## Models (content fingerprints the caches are keyed on)", ""]
+    lines += ["| role | path | sha256 | files | bytes |", "|---|---|---|---|---|"]
+    for role, m in models.items():
+        lines.append(
+            f"| {role} | `{m['path']}` | `{str(m['sha256'])[:16]}` | {len(m['files'])} | "
+            f"{m['bytes']} |"
+        )
+    return lines + [""]
+
+
 def render_markdown(
     result: Mapping[str, Any],
     *,
     utility: Mapping[str, Any] | None = None,
     title: str = "Robustness report",
+    models: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """The report text for a `compute_alo_asr` result (and optional utility metrics)."""
     missing_keys = [k for k in RESULT_KEYS if k not in result]
@@ -108,6 +122,8 @@ def render_markdown(
     lines.append("")
     if utility:
         lines += _utility_lines(utility)
+    if models:
+        lines += model_lines(models)
     lines += ["![ALO-ASR heatmap](alo_asr.png)", ""]
     return "\n".join(lines)
 
@@ -169,11 +185,13 @@ def write_report(
     *,
     utility: Mapping[str, Any] | None = None,
     title: str = "Robustness report",
+    models: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """Write `report.md` and `alo_asr.png` into `out_dir`; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = out / "report.md"
-    md.write_text(render_markdown(result, utility=utility, title=title), encoding="utf-8")
+    text = render_markdown(result, utility=utility, title=title, models=models)
+    md.write_text(text, encoding="utf-8")
     png = plot_heatmap(result, out / "alo_asr.png")
     return {"markdown": md, "heatmap": png}

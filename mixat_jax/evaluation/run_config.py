@@ -9,6 +9,7 @@ Also the built-in behaviours and the names of the judges. Nothing here runs an e
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import ml_collections
 
 from mixat_jax.behaviors import SUBSET_PRESETS, Behavior, load_behaviors
 from mixat_jax.evaluation.cache import fingerprint
+from mixat_jax.evaluation.content_hash import ENV_HASH_CACHE, ContentFingerprints
 from mixat_jax.evaluation.suite import (
     ALL_HELPER_ROLES,
     ATTACK_KINDS,
@@ -86,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
     for role in ALL_HELPER_ROLES:
         setattr(c, f"{role}_model", "")
     c.helper_dtype = ""
+    # Cache keys: models are fingerprinted by content (evaluation/content_hash.py); per-file
+    # digests are cached by (path, size, mtime, ctime, inode); True re-reads every file.
+    c.rehash_models = False
     # Masked-diffusion LM (LLaDA / Dream) of the Inpainting attack; never the target.
     c.diffusion_model = ""
     # Generation (paper protocol: greedy, 512 new tokens, chat template).
@@ -128,6 +133,7 @@ class Resolved:
     judge_name: str
     helper_paths: dict[str, str]
     targets_defaulted: list[str] = field(default_factory=list)
+    content: ContentFingerprints = field(default_factory=ContentFingerprints)
 
     @property
     def behavior_fps(self) -> dict[str, str]:
@@ -287,4 +293,8 @@ def resolve(cfg: ml_collections.ConfigDict, workdir: str | Path) -> Resolved:
         judge_name=judge_name(cfg),
         helper_paths=helper_paths,
         targets_defaulted=defaulted,
+        content=ContentFingerprints(
+            os.environ.get(ENV_HASH_CACHE) or Path(workdir) / "cache" / "file_hashes.json",
+            rehash=bool(cfg.get("rehash_models")),
+        ),
     )

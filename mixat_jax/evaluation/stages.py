@@ -23,6 +23,7 @@ from mixat_jax.evaluation.cache import (
 from mixat_jax.evaluation.fingerprints import (
     attack_fingerprint,
     generation_fingerprint,
+    judge_fingerprint,
     xstest_fingerprint,
 )
 from mixat_jax.evaluation.models import ModelPool, build_judge
@@ -191,16 +192,15 @@ class Evaluation:
             if plan.white_box_completions:
                 texts = [str(r.get("completion", "")) for r in batch]
             else:
-                first = batch[0]
-                seed = call_seed(
-                    int(c.seed), "completion", plan.name, first["behavior_id"], int(first["index"])
-                )
+                # One seed per record, from its identity (issue #17): a resumed or re-batched
+                # run draws the same samples (greedy decoding ignores seeds).
+                sampling = {"temperature": temperature, "top_p": top_p}
+                if temperature > 0:
+                    sampling["seeds"] = [record_seed(int(c.seed), plan.name, r) for r in batch]
                 texts = self.pool.target.generate(
                     [r["test_case"] for r in batch],
                     max_new_tokens=int(c.max_new_tokens),
-                    temperature=temperature,
-                    top_p=top_p,
-                    seed=seed,
+                    **sampling,
                 )
                 self.stats["generated"] += len(batch)
             judge_in = self._attack(plan).judge_inputs(texts) if plan.spec.judge_inputs else texts
@@ -234,9 +234,10 @@ class Evaluation:
     def judge(self) -> None:
         store = JsonlStore(self.out / "cache" / "judgements.jsonl")
         name = self.res.judge_name
+        jfp = judge_fingerprint(self.res)
         cached = store.latest(
             key=lambda r: (r["attack"], r["behavior_id"], int(r["index"])),
-            accept=lambda r: r.get("judge") == name,
+            accept=lambda r: r.get("judge") == name and r.get("judge_fp") == jfp,
         )
         pending = []
         for key, g in self.gens.items():
@@ -268,6 +269,7 @@ class Evaluation:
                     "behavior_id": key[1],
                     "index": key[2],
                     "judge": name,
+                    "judge_fp": jfp,
                     "label": int(jd.label),
                     "input_hash": text_hash(j_in),
                     "behavior_fp": self.bfp[key[1]],
@@ -370,6 +372,12 @@ class Evaluation:
             self.log(f"ALO-ASR {_pct(result['alo_asr'])} ({asr}); judge {result['judge']}")
         self.log(f"outputs in {self.out}")
         return {"alo_asr": result, "utility": utility, "stats": dict(self.stats)}
+
+
+def record_seed(seed: int, attack: str, rec: Mapping[str, Any]) -> int:
+    """Sampling seed of one test-case record: the run's seed folded with (attack, behaviour id,
+    test-case index), independent of which batch the record is generated in."""
+    return call_seed(seed, "completion", attack, str(rec["behavior_id"]), int(rec["index"]))
 
 
 def _case_hash(rec: Mapping[str, Any]) -> str:

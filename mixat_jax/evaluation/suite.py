@@ -45,6 +45,7 @@ from mixat_jax.attacks.rewrites import (
     TranslationAttack,
     TranslationConfig,
 )
+from mixat_jax.attacks.synonyms import wordnet_synonyms
 from mixat_jax.attacks.tap import TAP, TAPConfig
 from mixat_jax.attacks.templates import HumanJailbreaks, HumanJailbreaksConfig, builtin_templates
 from mixat_jax.evaluation.white_box import GCG_TEST_CASES, ContinuousAttack, GCGAttack, TargetCE
@@ -189,12 +190,23 @@ def _tap(plan: AttackPlan, ctx: SuiteContext) -> TAP:
 
 
 def _autodan(plan: AttackPlan, ctx: SuiteContext) -> AutoDAN:
+    """AutoDAN-HGA from AutoDAN's reference initial prompt (``initial="autodan"``) or the
+    project's templates (``"project"``, first ``num_templates``); ``word_level=False``: plain GA."""
     s = plan.settings
-    templates = builtin_templates()
-    if int(s["num_templates"]):
-        templates = templates[: int(s["num_templates"])]
+    templates = None
+    if s["initial"] == "project":
+        templates = builtin_templates()
+        if int(s["num_templates"]):
+            templates = templates[: int(s["num_templates"])]
     fitness = TargetCE(ctx.target, batch_size=int(s["fitness_batch_size"]) or None)
-    return AutoDAN(ctx.helper("mutator"), fitness, s["cfg"], target=ctx.target, templates=templates)
+    return AutoDAN(
+        ctx.helper("mutator"),
+        fitness,
+        s["cfg"],
+        target=ctx.target,
+        templates=templates,
+        synonyms=wordnet_synonyms if bool(s["word_level"]) else None,
+    )
 
 
 def _past_tense(plan: AttackPlan, ctx: SuiteContext) -> PastTenseAttack:
@@ -232,12 +244,15 @@ def _inpainting(plan: AttackPlan, ctx: SuiteContext) -> Inpainting:
 
 
 # The registry, in the order of `default_blocks`. Protocol values that differ from a config
-# dataclass's own defaults live in `base` (here only): MixAT's TAP budgets (`mixat_eval`) and
-# the deterministic continuous attack (no LoRA dropout: the evaluated model is deterministic).
+# dataclass's own defaults live in `base` (here only): MixAT's TAP budgets (`mixat_eval`),
+# HarmBench's evaluation PAP (2,048 new tokens, `harmbench_eval`) and the deterministic
+# continuous attack (no LoRA dropout: the evaluated model is deterministic).
 REGISTRY: dict[str, AttackSpec] = {
     "DirectRequest": AttackSpec(None, _direct),
     "HumanJailbreaks": AttackSpec(HumanJailbreaksConfig, _human_jailbreaks),
-    "PAP": AttackSpec(PAPConfig, _pap, helpers=("rewriter",)),
+    "PAP": AttackSpec(
+        PAPConfig, _pap, base=lambda extras: PAPConfig.harmbench_eval(), helpers=("rewriter",)
+    ),
     "GCG": AttackSpec(
         GCGConfig,
         _gcg,
@@ -266,7 +281,13 @@ REGISTRY: dict[str, AttackSpec] = {
     "AutoDAN": AttackSpec(
         AutoDANConfig,
         _autodan,
-        extras={"num_templates": 0, "fitness_batch_size": 0},
+        extras={
+            "initial": "autodan",
+            "word_level": True,
+            "num_templates": 0,
+            "fitness_batch_size": 0,
+        },
+        choices={"initial": ("autodan", "project")},
         helpers=("mutator",),
         per_behavior=True,
         target_dependent=True,

@@ -2,18 +2,22 @@
 
 `save_adapter` writes `adapter_config.json` + `adapter_model.safetensors` with PEFT's tensor names
 (`lora_A.weight` [r, in], `lora_B.weight` [out, r]) so `peft.PeftModel.from_pretrained` loads it,
-e.g. into HarmBench's evaluation harness. `save_merged` folds the adapters into the base kernels
+e.g. into HarmBench's evaluation harness; `out_dir` may be a URL (`gs://...`, issue #16: staged
+locally, then uploaded through `mixat_jax.storage`). `save_merged` folds the adapters into the base kernels
 and writes a plain HF checkpoint (config.json + model.safetensors, sharded above a size limit).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from mixat_jax import lora as lora_lib
+from mixat_jax import storage
 from mixat_jax.hf import keys
 from mixat_jax.hf.safetensors_io import save_file
 from mixat_jax.models.decoder import Decoder
@@ -25,12 +29,24 @@ def _np(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def save_adapter(model: Decoder, out_dir: str | Path, *, base_model: str | None = None) -> Path:
-    """Writes the model's LoRA adapter in PEFT format; returns the directory."""
-    lcfg = model.lora_config()
-    if lcfg is None:
+def save_adapter(model: Decoder, out_dir: str | Path, *, base_model: str | None = None):
+    """Writes the model's LoRA adapter in PEFT format; returns the directory (an
+    ``etils.epath.Path`` when ``out_dir`` is a URL)."""
+    if model.lora_config() is None:
         raise ValueError("model has no LoRA adapter to save; attach one with model.add_lora(...)")
-    out = Path(out_dir)
+    if not storage.is_url(out_dir):
+        return _save_adapter_local(model, Path(out_dir), base_model)
+    staged = Path(tempfile.mkdtemp(prefix="mixat_jax_adapter_"))
+    try:
+        _save_adapter_local(model, staged, base_model)
+        storage.copy_dir(staged, out_dir)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return storage.run_path(out_dir)
+
+
+def _save_adapter_local(model: Decoder, out: Path, base_model: str | None) -> Path:
+    lcfg = model.lora_config()
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, lin in model.layers.linears().items():

@@ -1,7 +1,7 @@
 """`load_pretrained`: HF checkpoint directory (or hub id) -> sharded NNX `Decoder` + tokenizer.
 
 Steps: resolve the path (a hub id downloads through `huggingface_hub` only when the user passes
-one), parse `config.json` into `ModelConfig`, build the *abstract* model (`nnx.eval_shape`, nothing
+one; in a multi-process job process 0 downloads first, then a barrier, `download_once`), parse `config.json` into `ModelConfig`, build the *abstract* model (`nnx.eval_shape`, nothing
 allocated), then create every parameter with `jax.make_array_from_callback` so each device reads
 only its own slice straight from the safetensors memmaps (the whole model never sits on one
 device). Missing, unexpected and wrongly-shaped tensors are reported together by name. Pickle
@@ -19,9 +19,11 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from mixat_jax import mesh as mesh_lib
+from mixat_jax.hf import gguf as gguf_io
 from mixat_jax.hf import keys
 from mixat_jax.hf.safetensors_io import SafetensorsCheckpoint, SafetensorsFile
 from mixat_jax.models.config import LINEAR_NAMES, LoraConfig, ModelConfig
@@ -45,15 +47,57 @@ def resolve(path_or_id: str | Path, what: str = "model") -> Path:
     # never turn into a network request).
     if _HUB_ID.match(s) and not s.startswith((".", "/")) and not p.parent.is_dir():
         try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(s, allow_patterns=_ALLOW))
+            return Path(download_once(s))
         except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear line
             raise ValueError(
                 f"{what} {s!r} is not a local directory and could not be downloaded from the "
                 f"Hugging Face hub ({type(e).__name__}); pass a local checkpoint directory"
             ) from None
     raise ValueError(f"{what} directory {s!r} does not exist; pass a local checkpoint directory")
+
+
+def snapshot(hub_id: str, *, local_files_only: bool) -> str:
+    """The local snapshot directory of ``hub_id`` in the HF cache (downloaded unless
+    ``local_files_only``; then a repository missing from this host's cache raises)."""
+    from huggingface_hub import snapshot_download  # lazy: network client, only for hub ids
+
+    return snapshot_download(hub_id, allow_patterns=_ALLOW, local_files_only=local_files_only)
+
+
+def download_once(
+    hub_id: str,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    barrier: Callable[[str], None] | None = None,
+) -> str:
+    """``snapshot(hub_id)`` for a multi-process job without every process downloading into
+    one shared HF cache at once (issue #16): process 0 downloads, then all meet at a barrier,
+    then the others read the cache (``local_files_only``) and download only if their cache does
+    not have it (caches local to each host, e.g. TPU VMs: then the other hosts download after
+    process 0, under huggingface_hub's own file locks). Process 0 reaches the barrier even when
+    its download fails (so the others never wait forever), then raises. COLLECTIVE when
+    ``process_count > 1``: every process must call it. One process: a plain download."""
+    n = jax.process_count() if process_count is None else process_count
+    i = jax.process_index() if process_index is None else process_index
+    if n == 1:
+        return snapshot(hub_id, local_files_only=False)
+    barrier = barrier or multihost_utils.sync_global_devices
+    path, error = None, None
+    if i == 0:
+        try:
+            path = snapshot(hub_id, local_files_only=False)
+        except Exception as e:  # noqa: BLE001 - re-raised after the barrier
+            error = e
+    barrier(f"mixat_jax.hf.load download {hub_id}")
+    if error is not None:
+        raise error
+    if path is not None:
+        return path
+    try:
+        return snapshot(hub_id, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in this host's cache: download it here
+        return snapshot(hub_id, local_files_only=False)
 
 
 def read_config(directory: Path, **overrides: Any) -> ModelConfig:
@@ -149,7 +193,21 @@ def load_weights(
 
     Tensor names come from the key table of `cfg.model_type` (`keys.rules_for`).
     """
-    ckpt = open_checkpoint(directory)
+    return weights_from(open_checkpoint(directory), cfg, mesh, rules, where=f"{directory}")
+
+
+def weights_from(
+    ckpt,
+    cfg: ModelConfig,
+    mesh: Mesh | None = None,
+    rules=mesh_lib.DEFAULT_RULES,
+    *,
+    where: str,
+    described_by: str = "config.json",
+) -> Decoder:
+    """`load_weights` on any mapping HF tensor name -> array-like (`.shape`, `.T`, slicing): a
+    safetensors checkpoint, or a GGUF file read by `hf.gguf` (#12), whose arrays dequantize only
+    the slices each device asks for."""
     table = keys.rules_for(cfg.model_type)
     head_name = next(keys.hf_name(r, None) for r in table if r.path == ("lm_head",))
     abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
@@ -197,7 +255,7 @@ def load_weights(
     _fill_state(state, plan, ckpt, mesh, rules, errors)
     if errors:
         raise ValueError(
-            f"{directory}: checkpoint does not match config.json — " + "; ".join(errors)
+            f"{where}: checkpoint does not match {described_by} — " + "; ".join(errors)
         )
     return nnx.merge(graphdef, state)
 
@@ -309,7 +367,13 @@ def load_pretrained(
     `dtype`: "float32" | "bfloat16" | None (checkpoint's own dtype).
     `kind`: "causal" or "diffusion" refuses a checkpoint of the other kind in one line, before any
     weight is read (a diffusion LM passed as a chat target, a causal LM passed as an inpainter).
+    A path ending in `.gguf` is a llama.cpp file (#12): architecture, weights (dequantized to
+    float32 unless `dtype` says otherwise), tokenizer and chat template all come from the file.
     """
+    if str(path_or_hub_id).lower().endswith(".gguf"):
+        return _load_gguf(
+            path_or_hub_id, dtype, adapter, mesh, rules, with_tokenizer, kind, config_overrides
+        )
     directory = resolve(path_or_hub_id)
     cfg = read_config(directory, dtype=dtype or _default_dtype(directory), **config_overrides)
     if kind == "causal":
@@ -324,6 +388,29 @@ def load_pretrained(
             model = load_weights(directory, cfg, mesh, rules)
     else:
         model = load_weights(directory, cfg, None, rules)
+    if adapter is not None:
+        load_adapter(model, adapter, mesh, rules)
+    return model, tokenizer
+
+
+def _load_gguf(path, dtype, adapter, mesh, rules, with_tokenizer, kind, overrides):
+    """`load_pretrained` for a `.gguf` file: same kind checks, sharded streaming and adapters."""
+    ckpt = gguf_io.GGUFCheckpoint(path)
+    cfg = ModelConfig.from_hf(ckpt.hf_config, dtype=dtype or "float32", **overrides)
+    if kind == "diffusion":
+        require_diffusion(cfg, f"model {str(path)!r}")
+    elif kind not in (None, "causal"):
+        raise ValueError(f"load_pretrained kind={kind!r}: use 'causal', 'diffusion' or None")
+    tokenizer = None
+    if with_tokenizer:
+        # (the file's token count was checked against the vocabulary by GGUFCheckpoint)
+        tokenizer = gguf_io.load_tokenizer(path, ckpt.metadata.get("tokenizer.chat_template"))
+    where, about = str(ckpt.path), "its GGUF metadata"
+    if mesh is not None:
+        with jax.set_mesh(mesh):
+            model = weights_from(ckpt, cfg, mesh, rules, where=where, described_by=about)
+    else:
+        model = weights_from(ckpt, cfg, None, rules, where=where, described_by=about)
     if adapter is not None:
         load_adapter(model, adapter, mesh, rules)
     return model, tokenizer

@@ -25,9 +25,19 @@ is a loss target (predicted by the logit at ``t - 1``). :func:`token_rows` reads
 right; a prompt that leaves no room for a target token is an error (or, with overflow "skip", an
 invalid slot recorded in the metadata) — never a silent overflow.
 
-Composition (§11.7): "fixed" = exactly A adversarial + U utility rows per micro-batch (a stated
-deviation); "reference" = the shuffled mixed stream chunked by ``micro_batch_size`` with a varying
-number of adversarial rows padded up to A (rows beyond a slot count carried to the next one).
+Composition (§11.7, issue #17): "fixed" = exactly A adversarial + U utility rows per micro-batch
+(a stated deviation: every micro-batch carries the adversarial terms, which gives them ~1.5x the
+weight they have in the reference, where 35 % of micro-batches have no adversarial row); the
+source that runs out first in an epoch is dealt again from the start of its epoch order, so no
+slot is ever left empty. "reference" = the shuffled mixed stream chunked by ``micro_batch_size``
+exactly as the reference trainer does: each micro-batch holds exactly its chunk's rows (a
+varying number of adversarial rows, nothing carried over); the packing layout is sized to the
+largest chunk of the run (:func:`packing_layout`).
+
+Data parallelism (issue #16): ``BatchLayout`` is the composition of ONE batch shard; with
+``shards`` = data × fsdp shards, a global micro-batch holds ``shards`` compositions (slot
+counts × shards), so each shard gets a full micro-batch and the slot axis always divides.
+``shards=1`` is the single-device layout unchanged.
 """
 
 from __future__ import annotations
@@ -362,21 +372,26 @@ def host_local_batch(
 # --------------------------------------------------------------------------------------------
 
 
-def compose_epoch(stream: Sequence[Row], layout: BatchLayout) -> list[ComposedMicroBatch]:
-    """Split one (already shuffled) epoch stream into micro-batches.
+def compose_epoch(
+    stream: Sequence[Row], layout: BatchLayout, shards: int = 1
+) -> list[ComposedMicroBatch]:
+    """Split one (already shuffled) epoch stream into global micro-batches of ``shards`` shards.
 
     "fixed": the stream's adversarial rows and utility rows (each in stream order) are dealt
-    ``adv_slots`` and ``util_slots`` per micro-batch; the run has ``max(ceil(n_adv / A),
-    ceil(n_util / U))`` micro-batches and the source that runs out first leaves its slots empty
-    at the end of the epoch (every row is used exactly once per epoch).
+    ``adv_slots × shards`` and ``util_slots × shards`` per micro-batch (= ``shards`` consecutive
+    one-shard micro-batches); the epoch has ``max(ceil(n_adv / A'), ceil(n_util / U'))``
+    micro-batches and the source that runs out first is dealt again from its first row of the
+    epoch, so every slot is filled (the longer source is used exactly once per epoch).
 
-    "reference": the stream is chunked by ``micro_batch_size`` as in the reference trainer; a
-    chunk's adversarial (utility) rows beyond ``adv_slots`` (``util_slots``) are carried over to
-    the next micro-batch, and any carry left at the end is flushed in extra micro-batches.
+    "reference": the stream is chunked by ``micro_batch_size`` rows as in the reference trainer;
+    ``shards`` consecutive chunks form one micro-batch, which holds exactly their rows (none
+    carried over; the last micro-batch of an epoch may hold fewer chunks).
     """
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1; got {shards}")
     if layout.composition == "fixed":
-        return _compose_fixed(stream, layout)
-    return _compose_reference(stream, layout)
+        return _compose_fixed(stream, layout.adv_slots * shards, layout.util_slots * shards)
+    return _compose_reference(stream, layout.rows_per_microbatch * shards, layout.util_slots)
 
 
 def _split(rows: Sequence[Row]) -> tuple[list[AdvRow], list[UtilityRow]]:
@@ -387,35 +402,44 @@ def _split(rows: Sequence[Row]) -> tuple[list[AdvRow], list[UtilityRow]]:
     return adv, util
 
 
-def _compose_fixed(stream: Sequence[Row], layout: BatchLayout) -> list[ComposedMicroBatch]:
+def _deal(rows: Sequence[Row], per: int, i: int) -> list:
+    """Rows ``[i*per, (i+1)*per)`` of ``rows`` read cyclically (empty if ``rows`` is)."""
+    if not rows:
+        return []
+    return [rows[j % len(rows)] for j in range(i * per, (i + 1) * per)]
+
+
+def _compose_fixed(stream: Sequence[Row], a: int, u: int) -> list[ComposedMicroBatch]:
     adv, util = _split(stream)
-    a, u = layout.adv_slots, layout.util_slots
     if util and u == 0:
         raise ValueError("the stream has utility rows but util_slots=0; raise util_slots")
     n = max(math.ceil(len(adv) / a), math.ceil(len(util) / u) if u else 0)
-    return [
-        ComposedMicroBatch(adv[i * a : (i + 1) * a], util[i * u : (i + 1) * u]) for i in range(n)
-    ]
+    return [ComposedMicroBatch(_deal(adv, a, i), _deal(util, u, i)) for i in range(n)]
 
 
-def _compose_reference(stream: Sequence[Row], layout: BatchLayout) -> list[ComposedMicroBatch]:
-    size = layout.rows_per_microbatch
-    a, u = layout.adv_slots, layout.util_slots
-    carry_adv: list[AdvRow] = []
-    carry_util: list[UtilityRow] = []
+def _compose_reference(stream: Sequence[Row], size: int, u: int) -> list[ComposedMicroBatch]:
     out: list[ComposedMicroBatch] = []
     for start in range(0, len(stream), size):
         adv, util = _split(stream[start : start + size])
         if util and u == 0:
             raise ValueError("the stream has utility rows but util_slots=0; raise util_slots")
-        carry_adv += adv
-        carry_util += util
-        out.append(ComposedMicroBatch(carry_adv[:a], carry_util[:u]))
-        carry_adv, carry_util = carry_adv[a:], carry_util[u:]
-    while carry_adv or carry_util:
-        out.append(ComposedMicroBatch(carry_adv[:a], carry_util[:u]))
-        carry_adv, carry_util = carry_adv[a:], carry_util[u:]
+        out.append(ComposedMicroBatch(adv, util))
     return out
+
+
+def packing_layout(
+    layout: BatchLayout, plan: Sequence[ComposedMicroBatch], shards: int = 1
+) -> BatchLayout:
+    """The layout global micro-batches are packed into: slot counts × ``shards`` ("fixed"); for
+    "reference" at least that and large enough for every micro-batch of ``plan`` (the run's),
+    rounded up to a multiple of ``shards`` so the slot axis always splits over the shards."""
+    a, u = layout.adv_slots * shards, layout.util_slots * shards
+    if layout.composition == "reference" and plan:
+        a = max(a, max(len(mb.adv_rows) for mb in plan))
+        u = max(u, max(len(mb.util_rows) for mb in plan))
+        a, u = (shards * math.ceil(x / shards) for x in (a, u))
+        layout = dataclasses.replace(layout, micro_batch_size=layout.rows_per_microbatch)
+    return dataclasses.replace(layout, adv_slots=a, util_slots=u)
 
 
 def count_adv_rows(plan: Sequence[ComposedMicroBatch]) -> int:

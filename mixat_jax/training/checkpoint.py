@@ -12,6 +12,16 @@ writes into a temporary directory and renames it when complete, so a failed or i
 never replaces an existing checkpoint and old steps are only deleted (``max_to_keep``) after a
 new one is finalised. :func:`install_sigterm_handler` turns pod preemption (SIGTERM) into a flag
 the loop polls to save and exit cleanly; a killed run resumes from its workdir.
+
+Multi-host (issue #16, "preemption is not agreed between hosts"): each process has its own flag,
+and a signal may reach only some hosts, or reach them at different steps. The loop therefore
+never reads the flag directly but calls :meth:`PreemptionFlag.agree` once per step (and once per
+GCG step inside a rewrite): an all-gather of one int over all processes, so every process takes
+the same decision at the same step and they all save the same checkpoint and leave together
+(instead of one waiting in an orbax barrier while the others wait in a collective). jax's own
+preemption sync point (``multihost_utils.reached_preemption_sync_point``, behind orbax's
+``reached_preemption``) is not used: its notifier is a C++ SIGTERM handler that the Python
+handler here replaces, it ignores Ctrl-C and the in-GCG poll, and it is off on CPU.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 STATE_ITEM = "state"
 META_ITEM = "meta"
@@ -150,14 +161,7 @@ class Checkpointer:
             return None
         return self.restore(step, abstract_state)
 
-    # -- preemption / lifecycle -----------------------------------------------------------
-
-    def reached_preemption(self, step: int) -> bool:
-        """Orbax's multi-host preemption sync point (False when jax.distributed is not set up)."""
-        try:
-            return bool(self._manager.reached_preemption(step))
-        except Exception:  # no distributed client: single-process runs use the SIGTERM flag
-            return False
+    # -- lifecycle ------------------------------------------------------------------------
 
     def close(self) -> None:
         self._manager.wait_until_finished()
@@ -174,8 +178,9 @@ class Checkpointer:
 
 
 class PreemptionFlag:
-    """Set by SIGTERM (pod preemption) or SIGINT (Ctrl-C); the training loop checks
-    ``flag.requested`` after each step, saves a checkpoint and stops."""
+    """Set by SIGTERM (pod preemption) or SIGINT (Ctrl-C); the training loop calls
+    :meth:`agree` before each step (all processes decide together), saves a checkpoint and
+    stops."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
@@ -194,6 +199,19 @@ class PreemptionFlag:
     def set(self, signum: int | None = None) -> None:
         self.signum = signum
         self._event.set()
+
+    def agree(self) -> bool:
+        """COLLECTIVE (every process must call it at the same point): True on every process iff
+        any process's flag is set. A process that was not signalled adopts the agreed signal
+        (SIGTERM over SIGINT), so all report the same :attr:`status` and exit status."""
+        if jax.process_count() == 1:
+            return self.requested
+        mine = (self.signum or 1) if self.requested else 0
+        got = multihost_utils.process_allgather(np.asarray([mine], np.int32))
+        agreed = int(np.max(got))
+        if agreed and not (self.requested and self.signum == agreed):
+            self.set(None if agreed == 1 else agreed)
+        return bool(agreed)
 
     def restore(self) -> None:
         """Puts back the handlers that were installed before (Ctrl-C raises KeyboardInterrupt

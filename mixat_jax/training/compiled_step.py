@@ -3,7 +3,9 @@
 
 * :class:`JittedTrainStep` (``make_jitted_train_step``): global single-device semantics on a
   ``(data, fsdp, tensor)`` mesh. Parameters and optimizer moments are laid out by their logical
-  axes (``state.train_state_shardings``), the batch's slot axis over ``(data, fsdp)``
+  axes under the run's rules (``rules``, default ``mesh.DEFAULT_RULES``; the loop passes
+  ``config.mesh.rules``, the same rules it places the state with, issue #17) via
+  ``state.train_state_shardings``, the batch's slot axis over ``(data, fsdp)``
   (:func:`step_batch_shardings`); LoRA, optimizer state and step are donated, the frozen base
   and ē are not. ONE ``jax.jit`` object serves every state and batch shape: the input layouts
   are those of the (placed) arguments, the output state is pinned to the input state's layout
@@ -24,6 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mixat_jax import mesh as mesh_lib
 from mixat_jax.training.state import TrainState, train_state_shardings
 from mixat_jax.training.step_config import StepConfig
 from mixat_jax.training.train_step import train_step, with_microbatch_axis
@@ -43,19 +46,31 @@ def step_batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Name
     return out
 
 
-def _mesh_train_step(donated: TrainState, kept, batch, key, *, cfg: StepConfig, mesh: Mesh):
+def _mesh_train_step(donated: TrainState, kept, batch, key, *, cfg: StepConfig, mesh: Mesh, rules):
     """``train_step`` on ``donated`` (the state without frozen base and ē) + ``kept`` (frozen,
     ē); returns ((lora, opt_state, step), metrics) in the input state's layout, metrics
     replicated."""
     frozen, emb_norm = kept
     state = donated.replace(frozen=frozen, emb_norm=emb_norm)
     new, metrics = train_step(state, batch, key, cfg=cfg)
-    sh = train_state_shardings(state, mesh)
+    sh = train_state_shardings(state, mesh, rules)
     out = jax.lax.with_sharding_constraint(
         (new.lora, new.opt_state, new.step), (sh.lora, sh.opt_state, sh.step)
     )
     metrics = jax.lax.with_sharding_constraint(metrics, NamedSharding(mesh, PartitionSpec()))
     return out, metrics
+
+
+def _global_key(key, mesh: Mesh):
+    """``key`` replicated over the mesh. A host-local typed key cannot be ``device_put`` onto
+    devices of other processes, so its raw data (identical on every process) is placed and
+    wrapped again."""
+    if jax.process_count() == 1 or (isinstance(key, jax.Array) and not key.is_fully_addressable):
+        return key
+    data = jax.device_put(
+        np.asarray(jax.random.key_data(key)), NamedSharding(mesh, PartitionSpec())
+    )
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key))
 
 
 class JittedTrainStep:
@@ -68,7 +83,13 @@ class JittedTrainStep:
     are passed to XLA (e.g. ``{"xla_backend_optimization_level": 0}`` for fast CPU tests).
     """
 
-    def __init__(self, cfg: StepConfig, mesh: Mesh, compiler_options: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        cfg: StepConfig,
+        mesh: Mesh,
+        compiler_options: dict[str, Any] | None = None,
+        rules=mesh_lib.DEFAULT_RULES,
+    ):
         if cfg.pmap_axis_name is not None:
             raise ValueError("make_jitted_train_step needs cfg.pmap_axis_name=None (jit, not pmap)")
         if not isinstance(mesh, Mesh):
@@ -77,8 +98,9 @@ class JittedTrainStep:
                 "optimizer is the state's own (state.tx) and is not passed"
             )
         self.cfg, self.mesh, self.compiler_options = cfg, mesh, compiler_options
+        self.rules = tuple(tuple(r) for r in rules)
         self._jitted = jax.jit(
-            functools.partial(_mesh_train_step, cfg=cfg, mesh=mesh),
+            functools.partial(_mesh_train_step, cfg=cfg, mesh=mesh, rules=self.rules),
             donate_argnums=(0,),
             compiler_options=compiler_options,
         )
@@ -86,7 +108,7 @@ class JittedTrainStep:
     def _args_and_shardings(self, state: TrainState, batch, key):
         """(args, their shardings) of the jitted function."""
         batch = with_microbatch_axis(batch)
-        sh = train_state_shardings(state, self.mesh)
+        sh = train_state_shardings(state, self.mesh, self.rules)
         donated = state.replace(frozen=None, emb_norm=None)
         args = (donated, (state.frozen, state.emb_norm), batch, key)
         shardings = (
@@ -111,16 +133,21 @@ class JittedTrainStep:
         return self.lower(state, batch, key).compile()
 
     def __call__(self, state: TrainState, batch, key):
-        args, shardings = self._args_and_shardings(state, batch, key)
+        args, shardings = self._args_and_shardings(state, batch, _global_key(key, self.mesh))
         (lora, opt_state, step), metrics = self._jitted(*jax.device_put(args, shardings))
         return state.replace(lora=lora, opt_state=opt_state, step=step), metrics
 
 
 def make_jitted_train_step(
-    cfg: StepConfig, mesh: Mesh, compiler_options: dict[str, Any] | None = None
+    cfg: StepConfig,
+    mesh: Mesh,
+    compiler_options: dict[str, Any] | None = None,
+    *,
+    rules=mesh_lib.DEFAULT_RULES,
 ) -> JittedTrainStep:
-    """``train_step`` under ``jax.jit`` with mesh shardings and donation (see JittedTrainStep)."""
-    return JittedTrainStep(cfg, mesh, compiler_options)
+    """``train_step`` under ``jax.jit`` with mesh shardings (logical ``rules``) and donation
+    (see JittedTrainStep)."""
+    return JittedTrainStep(cfg, mesh, compiler_options, rules)
 
 
 def make_pmapped_train_step(cfg: StepConfig, axis_name: str = "devices"):

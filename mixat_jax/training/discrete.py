@@ -90,8 +90,14 @@ class DiscreteRewriter:
       tokenizer: the trained model's tokenizer (GCG).
       max_len_adv: the adversarial row budget; rewrites that do not fit fall back.
       pool: the PAP pool (required when the schedule has PAP flags).
-      gcg: GCG settings (the MixAT preset is HarmBench GCG, 100 steps).
-      should_abort: polled between GCG steps; True raises :class:`RewriteAborted`.
+      gcg: GCG settings (the MixAT preset is HarmBench GCG, 100 steps); without a
+        ``system_prompt`` of its own it takes the renderer's (the run's), so GCG optimises the
+        same rendered context as the trained row.
+      should_abort: polled after every GCG step of every behaviour; True raises
+        :class:`RewriteAborted`. With several processes it must return the same value on every
+        process (the loop passes the collective ``PreemptionFlag.agree``; all processes poll at
+        the same points because GCG runs the same replicated program): all abort the same rewrite
+        or none does (issue #16).
     """
 
     def __init__(
@@ -109,6 +115,10 @@ class DiscreteRewriter:
     ):
         self.renderer, self.tokenizer = renderer, tokenizer
         self.max_len_adv, self.seed, self.pool, self.gcg = max_len_adv, seed, pool, gcg
+        system = getattr(renderer, "system_prompt", None)
+        if gcg is not None and gcg.system_prompt is None and system is not None:
+            # GCG optimises the context the row trains on: the run's system prompt (issue #17).
+            self.gcg = dataclasses.replace(gcg, system_prompt=system)
         self.technique_per, self.mesh, self.should_abort = technique_per, mesh, should_abort
 
     # -- fit check ---------------------------------------------------------------------------

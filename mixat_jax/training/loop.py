@@ -13,7 +13,13 @@
    jitted ``steps.train_step`` on global arrays; metrics (JSONL + TensorBoard), progress/ETA,
    checkpoints every ``checkpoint_every`` steps;
 4. stop — on SIGTERM (also polled inside GCG) or ``stop_after``: save a checkpoint and return;
-   at the end: final checkpoint and ``workdir/adapter`` (PEFT).
+   at the end: final checkpoint and ``workdir/adapter`` (PEFT). With several processes the stop
+   decision is agreed (``PreemptionFlag.agree``, a one-int all-gather per step and per GCG step):
+   a signal reaching one host stops all of them at the same step, with the same checkpoint.
+
+Workdir (issue #16): ``workdir`` may be a URL (``gs://bucket/run``); it is held as an
+``etils.epath`` path (``mixat_jax.storage``), never ``pathlib``, and every writer (config.json,
+metrics.jsonl, tb/, pap_pool.jsonl, orbax checkpoints, adapter/) goes through it.
 
 DAT (DAT spec §2.3): ``variant="dat"`` reads Stage A's prompts as the adversarial rows
 (``stream.load_rows``); its optional per-epoch re-selection (§2.2 "Periodic refresh") is a
@@ -32,6 +38,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -44,18 +51,19 @@ from jax.experimental import multihost_utils
 from mixat_jax import cli as cli_lib
 from mixat_jax import lora as lora_lib
 from mixat_jax import mesh as mesh_lib
-from mixat_jax.attacks.pap import load_pool
+from mixat_jax import storage
+from mixat_jax.attacks.pap import POOL_FIELDS, load_pool
 from mixat_jax.chat import ChatRenderer
 from mixat_jax.hf.export import save_adapter
 from mixat_jax.hf.load import load_pretrained
-from mixat_jax.pap_pool import PoolBehavior, template_records, write_records_atomic
+from mixat_jax.pap_pool import PoolBehavior, template_records
 from mixat_jax.tiny_model import build_tiny_checkpoint
 from mixat_jax.training import checkpoint as ckpt_lib
 from mixat_jax.training import data as data_lib
 from mixat_jax.training import discrete as discrete_lib
 from mixat_jax.training import run_config as rc
-from mixat_jax.training import schedules
-from mixat_jax.training.batches import host_local_batch, pack_microbatch, stack_microbatches
+from mixat_jax.training import schedules, step_metrics
+from mixat_jax.training.batches import pack_microbatch, stack_microbatches
 from mixat_jax.training.compiled_step import make_jitted_train_step, step_batch_shardings
 from mixat_jax.training.metrics import METRICS_FILE, MetricWriter
 from mixat_jax.training.optim import lr_schedule, make_optimizer
@@ -99,34 +107,36 @@ def _json_config(config) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=str))
 
 
-def check_workdir(workdir: Path, config_json: dict[str, Any]) -> None:
+def check_workdir(workdir: storage.PathLike, config_json: dict[str, Any]) -> None:
     """Refuse a workdir that holds a different run (its config.json differs)."""
     cli_lib.check_workdir_config(
-        workdir, config_json, free_keys=rc.RESUME_FREE_KEYS, config_file=CONFIG_FILE
-    )
+        storage.run_path(workdir), config_json, free_keys=rc.RESUME_FREE_KEYS,
+        config_file=CONFIG_FILE,
+    )  # fmt: skip
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _truncate_metrics(workdir: Path, last_step: int) -> None:
+def _truncate_metrics(workdir: storage.PathLike, last_step: int) -> None:
     """Drop metric records of steps after the restored checkpoint (they are recomputed)."""
-    path = workdir / METRICS_FILE
+    path = storage.run_path(workdir) / METRICS_FILE
     if jax.process_index() != 0 or not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
     keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
     if len(keep) != len(lines):
-        _write_atomic(path, "".join(keep))
+        storage.write_text_atomic(path, "".join(keep))
 
 
 # ------------------------------------------------------------------------------ setup pieces
-def tiny_checkpoint(spec: rc.TinyModelSpec, workdir: Path) -> Path:
-    """The tiny random checkpoint for ``spec`` (built once into the cache directory)."""
-    root = Path(spec.cache_dir) if spec.cache_dir else workdir / "tiny_model"
+def tiny_checkpoint(spec: rc.TinyModelSpec, workdir: storage.PathLike) -> Path:
+    """The tiny random checkpoint for ``spec`` (built once into the cache directory; a URL
+    workdir caches it in the local temp directory: weights are read from local files)."""
+    if spec.cache_dir:
+        root = storage.local_path(spec.cache_dir)
+    elif storage.is_url(workdir):
+        root = Path(tempfile.gettempdir()) / "mixat_jax_tiny_model"
+    else:
+        root = storage.local_path(workdir) / "tiny_model"
+    root.mkdir(parents=True, exist_ok=True)
     name = (f"tiny_v{spec.vocab_size}_h{spec.hidden_size}_l{spec.num_layers}_a{spec.num_heads}"
             f"_k{spec.num_kv_heads}_s{spec.seed}")  # fmt: skip
     path = root / name
@@ -149,7 +159,7 @@ def tiny_checkpoint(spec: rc.TinyModelSpec, workdir: Path) -> Path:
     return path
 
 
-def load_model(cfg: rc.RunConfig, workdir: Path, mesh):
+def load_model(cfg: rc.RunConfig, workdir: storage.PathLike, mesh):
     """(model with LoRA attached, tokenizer, model directory)."""
     path = tiny_checkpoint(cfg.tiny_model, workdir) if cfg.tiny_model is not None else cfg.model
     model, tok = load_pretrained(path, dtype=cfg.dtype, mesh=mesh, remat=cfg.remat, kind="causal")
@@ -158,16 +168,18 @@ def load_model(cfg: rc.RunConfig, workdir: Path, mesh):
     return model, tok, str(path)
 
 
-def load_pap_pool(cfg: rc.RunConfig, rows, workdir: Path) -> discrete_lib.PAPPool:
+def load_pap_pool(cfg: rc.RunConfig, rows, workdir: storage.PathLike) -> discrete_lib.PAPPool:
     d = cfg.discrete
     if d.pap_pool == rc.PAP_TEMPLATE:
         behaviors = {r.behavior_id: PoolBehavior(r.behavior_id, r.behavior) for r in rows}
         records = template_records(list(behaviors.values()), seed=cfg.seed,
                                    n_per_technique=d.template_n_per_technique,
                                    num_techniques=d.num_techniques)  # fmt: skip
-        if jax.process_index() == 0 and not (workdir / PAP_POOL_FILE).exists():
-            workdir.mkdir(parents=True, exist_ok=True)
-            write_records_atomic(workdir / PAP_POOL_FILE, records)
+        path = storage.run_path(workdir) / PAP_POOL_FILE
+        if jax.process_index() == 0 and not path.exists():
+            storage.write_text_atomic(path, "".join(
+                json.dumps({k: r[k] for k in POOL_FIELDS}, ensure_ascii=False) + "\n"
+                for r in records))  # fmt: skip
     elif not d.pap_pool:
         raise ValueError("the schedule has PAP micro-batches but config.discrete.pap_pool is "
                          "empty; build one with python -m mixat_jax.pap_pool")  # fmt: skip
@@ -185,17 +197,25 @@ def load_pap_pool(cfg: rc.RunConfig, rows, workdir: Path) -> discrete_lib.PAPPoo
 
 
 def global_batch(batch_np: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """Global [G, slots, ...] arrays from each process's slot slice (replicated keys: whole)."""
-    shardings = step_batch_shardings(batch_np, mesh)
-    n_proc, idx = jax.process_count(), jax.process_index()
-    out = {}
+    """Global [G, slots, ...] arrays, the slot axis split over the mesh's data × fsdp shards.
+
+    Every process builds the same full batch (the stream, schedule and rewrites are functions of
+    the seed and the step), so each addressable device takes its own rows from it
+    (``jax.make_array_from_callback``): the placement follows the sharding's device order (which
+    ``mesh.make_mesh`` lays out physically, hybrid across slices) on any number of hosts, with
+    no per-host slicing convention to keep in step (issue #16)."""
+    shards = mesh_lib.batch_shards(mesh)
     for k, v in batch_np.items():
-        sh = shardings[k]
-        local = v
-        if n_proc > 1 and not sh.is_fully_replicated:
-            local = host_local_batch({k: v}, idx, n_proc, axis=1)[k]
-        out[k] = jax.make_array_from_process_local_data(sh, local, v.shape)
-    return out
+        if shards > 1 and np.ndim(v) >= 2 and np.shape(v)[1] % shards:
+            raise ValueError(
+                f"batch array {k} has {np.shape(v)[1]} slots, not divisible by the {shards} "
+                "batch shards (mesh data x fsdp); pack it with the stream's packing_layout"
+            )
+    shardings = step_batch_shardings(batch_np, mesh)
+    return {
+        k: jax.make_array_from_callback(np.shape(v), shardings[k], lambda idx, v=v: v[idx])
+        for k, v in batch_np.items()
+    }
 
 
 @dataclasses.dataclass
@@ -203,7 +223,7 @@ class Run:
     """Everything set up for the loop."""
 
     cfg: rc.RunConfig
-    workdir: Path
+    workdir: Any  # storage.run_path: an etils epath.Path (a URL stays a URL)
     config_json: dict[str, Any]
     mesh: Any
     stream: EpochStream
@@ -228,18 +248,21 @@ re-reads it on resume)."""
 
 def setup(
     config,
-    workdir: str | Path,
+    workdir: storage.PathLike,
     should_abort: Callable[[], bool],
     reselect: ReselectFn | None = None,
 ) -> Run:
     """Validate, load and build everything; writes nothing to ``workdir`` except caches."""
     if not str(workdir):
         raise ValueError("--workdir is required")
-    workdir = Path(workdir)
+    workdir = storage.run_path(workdir)  # never pathlib: gs://b/r would become gs:/b/r
     cfg = rc.from_config_dict(config)
     if cfg.dat.reselect_every_epoch and reselect is None:
         raise ValueError("config.dat.reselect_every_epoch needs the re-selection hook of "
                          "mixat_jax.dat.reselect; run through python -m mixat_jax.train")  # fmt: skip
+    if cfg.dat.reselect_every_epoch and storage.is_url(workdir):
+        raise ValueError(f"config.dat.reselect_every_epoch keeps its files on a shared file "
+                         f"system; pass a directory as --workdir, not the URL {str(workdir)!r}")  # fmt: skip
     config_json = _json_config(config)
     check_workdir(workdir, config_json)
     if cfg.compilation_cache_dir:
@@ -256,7 +279,7 @@ def setup(
     mixture = data_lib.interleave(
         adv, util, adv_probability=cfg.data.adv_probability, seed=cfg.data.interleave_seed
     )
-    stream = EpochStream(mixture, cfg.batch, cfg.seed)
+    stream = EpochStream(mixture, cfg.batch, cfg.seed, shards=mesh_lib.batch_shards(mesh))
     n_steps = cfg.steps or total_steps(stream, cfg.epochs, cfg.grad_accum)
     schedule = schedules.build_schedule(
         cfg.discrete.schedule, n_steps * cfg.grad_accum, seed=cfg.seed
@@ -266,7 +289,7 @@ def setup(
     workdir.mkdir(parents=True, exist_ok=True)
     model, tok, model_dir = load_model(cfg, workdir, mesh)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    layout = dataclasses.replace(cfg.batch, pad_id=int(pad))
+    layout = dataclasses.replace(stream.packing_layout(n_steps * cfg.grad_accum), pad_id=int(pad))
     renderer = ChatRenderer(tok, system_prompt=cfg.system_prompt)
     rewriter = discrete_lib.DiscreteRewriter(
         renderer=renderer,
@@ -284,7 +307,9 @@ def setup(
         state = place_train_state(init_train_state(model, tx), mesh, cfg.mesh.rules)
     log(f"model {model_dir}; mesh {dict(mesh.shape)}; {len(adv)} adversarial + {len(util)} "
         f"utility rows, mixture {len(mixture)}; {stream.micro_batches_in(1)} micro-batches/epoch; "
-        f"{n_steps} steps x {cfg.grad_accum} micro-batches; schedule {schedule.name} "
+        f"{n_steps} steps x {cfg.grad_accum} micro-batches of {layout.adv_slots} adversarial + "
+        f"{layout.util_slots} utility slots ({stream.shards} batch shards, "
+        f"{cfg.grad_accum * (layout.adv_slots + layout.util_slots)} row slots per step); schedule {schedule.name} "
         f"{schedule.fractions()}; mean |E_v| {float(state.emb_norm):.4f}, eps_abs "
         f"{cfg.step.attack.eps * float(state.emb_norm):.4g}")  # fmt: skip
     return Run(cfg, workdir, config_json, mesh, stream, schedule, n_steps, renderer, tok,
@@ -370,24 +395,27 @@ def build_batch(run: Run, step: int, model_fn) -> tuple[dict[str, np.ndarray], d
     return stack_microbatches(mbs), host
 
 
-def write_adapter(run: Run, state) -> Path:
-    """``workdir/adapter`` (PEFT) from the LoRA state; replaced atomically."""
+def write_adapter(run: Run, state):
+    """``workdir/adapter`` (PEFT) from the LoRA state: staged in a local directory, then moved
+    into place (a rename locally; an upload for a URL workdir, ``storage.replace_dir``)."""
     lora = state.lora
     if jax.process_count() > 1:
         lora = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), lora)
     out = run.workdir / ADAPTER_DIR
     if jax.process_index() != 0:
         return out
-    tmp = run.workdir / f".{ADAPTER_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if storage.is_url(out):
+        tmp = Path(tempfile.mkdtemp(prefix="mixat_jax_adapter_"))
+    else:
+        tmp = storage.local_path(run.workdir) / f".{ADAPTER_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(lora_lib.merge(state.graphdef, lora, state.frozen), tmp, base_model=run.model_dir)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    storage.replace_dir(tmp, out)
     return out
 
 
 # ------------------------------------------------------------------------------ the run
-def run(config, workdir: str | Path, *, reselect: ReselectFn | None = None) -> str:
+def run(config, workdir: storage.PathLike, *, reselect: ReselectFn | None = None) -> str:
     """Train; returns "finished", "stopped" (stop_after), "preempted" (SIGTERM) or "interrupted"
     (Ctrl-C). A stop on a signal saves a checkpoint first. ``reselect``: DAT's per-epoch
     re-selection hook (required iff ``config.dat.reselect_every_epoch``)."""
@@ -399,19 +427,25 @@ def run(config, workdir: str | Path, *, reselect: ReselectFn | None = None) -> s
 
 
 def _run(
-    config, workdir: str | Path, preempt: ckpt_lib.PreemptionFlag, reselect: ReselectFn | None
+    config,
+    workdir: storage.PathLike,
+    preempt: ckpt_lib.PreemptionFlag,
+    reselect: ReselectFn | None,
 ) -> str:
     compiles = CompileCounter()
-    r = setup(config, workdir, should_abort=lambda: preempt.requested, reselect=reselect)
+    # preempt.agree is collective: every process polls it at the same points (before each step,
+    # after each GCG step of a rewrite), so all stop at the same step (issue #16)
+    r = setup(config, workdir, should_abort=preempt.agree, reselect=reselect)
     cfg = r.cfg
     if jax.process_index() == 0:
-        _write_atomic(r.workdir / CONFIG_FILE, json.dumps(r.config_json, indent=2) + "\n")
+        storage.write_text_atomic(r.workdir / CONFIG_FILE,
+                                  json.dumps(r.config_json, indent=2) + "\n")  # fmt: skip
     root_key = jax.random.key(cfg.seed)
-    ckpt = ckpt_lib.Checkpointer(str((r.workdir / CKPT_DIR).absolute()),
+    ckpt = ckpt_lib.Checkpointer(storage.absolute(r.workdir / CKPT_DIR),
                                  max_to_keep=cfg.keep_checkpoints)  # fmt: skip
     state, start = restore(r, ckpt, root_key)
     _truncate_metrics(r.workdir, start)
-    jitted = make_jitted_train_step(cfg.step, r.mesh)
+    jitted = make_jitted_train_step(cfg.step, r.mesh, rules=cfg.mesh.rules)
     lr_at = lr_schedule(cfg.optim, r.steps)
     writer = MetricWriter(r.workdir)
     progress = Progress(r.steps, every=cfg.log_every, enabled=jax.process_index() == 0)
@@ -428,7 +462,7 @@ def _run(
     try:
         with jax.set_mesh(r.mesh):
             while step < r.steps:
-                if preempt.requested:
+                if preempt.agree():
                     status = preempt.status
                     break
                 t0 = time.perf_counter()
@@ -444,6 +478,7 @@ def _run(
                 compiles.in_step = False
                 holder["state"] = state
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                metrics = step_metrics.drop_absent(metrics)  # an absent term is never NaN
                 step += 1
                 if not np.isfinite(metrics.get("lr", np.nan)):
                     metrics["lr"] = float(lr_at(step - 1))
@@ -452,7 +487,7 @@ def _run(
                            "train_step_compiles": compiles.train_step,
                            "jit_compiles": compiles.total}  # fmt: skip
                 writer.write_scalars(step, scalars)
-                progress.update(step, {k: scalars[k] for k in PROGRESS_KEYS})
+                progress.update(step, {k: scalars[k] for k in PROGRESS_KEYS if k in scalars})
                 if step % cfg.checkpoint_every == 0 or step == r.steps:
                     writer.flush()
                     save(step, state)

@@ -3,21 +3,28 @@
 Each :meth:`MetricWriter.write_scalars` call appends one JSON line ``{"step": s, **scalars}``
 (jax/numpy scalars converted to Python numbers; spec §12 asks to log attack flags, ē, eps_abs and
 the realised ‖δ‖ per step) and writes the same scalars to ``workdir/tb/``. Only process 0 writes
-(``jax.process_index() == 0``) unless ``enabled`` says otherwise. Remote workdirs (``gs://``)
-are written through ``etils.epath`` (the JSONL file is rewritten on flush; TensorBoard only for
-local workdirs).
+(``jax.process_index() == 0``) unless ``enabled`` says otherwise.
+
+URL workdirs (``gs://``, issue #16) go through :mod:`mixat_jax.storage` (etils epath): an object
+store cannot append, so the JSONL file is uploaded whole at every :meth:`MetricWriter.flush`
+(the loop flushes at each checkpoint) and at close; TensorBoard events are written by
+tensorboardX into a local staging directory (its own gs:// writer would need
+google-cloud-storage) and the same flushes copy them to ``WORKDIR/tb/``, so
+``tensorboard --logdir gs://.../tb`` sees them.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import numbers
+import shutil
+import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mixat_jax import storage
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
@@ -42,15 +49,11 @@ def to_scalar(name: str, value: Any) -> float | int | bool | str:
     raise ValueError(f"metric {name!r} has unsupported dtype {arr.dtype}; log numbers or strings")
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
 class MetricWriter:
     """Append-only scalar log for one run (JSONL + TensorBoard)."""
 
     def __init__(
-        self, workdir: str | Path, *, enabled: bool | None = None, tensorboard: bool = True
+        self, workdir: storage.PathLike, *, enabled: bool | None = None, tensorboard: bool = True
     ) -> None:
         if enabled is None:
             import jax  # lazy: only for this default; the writer itself needs no jax
@@ -58,28 +61,29 @@ class MetricWriter:
             enabled = jax.process_index() == 0
         self.enabled = enabled
         self.workdir = str(workdir)
-        self._remote = _is_remote(self.workdir)
+        self._remote = storage.is_url(self.workdir)
         self._lines: list[str] = []
         self._file = None
         self._tb = None
+        self._tb_staging: str | None = None
         if not enabled:
             return
+        root = storage.run_path(self.workdir)
+        root.mkdir(parents=True, exist_ok=True)
         if self._remote:
-            from etils import epath  # lazy: optional, only for remote (gs://) workdirs
-
-            self._epath = epath.Path(self.workdir) / METRICS_FILE
-            self._epath.parent.mkdir(parents=True, exist_ok=True)
+            self._epath = root / METRICS_FILE
             if self._epath.exists():
                 self._lines = self._epath.read_text().splitlines(keepends=True)
         else:
-            Path(self.workdir).mkdir(parents=True, exist_ok=True)
-            self._file = open(Path(self.workdir) / METRICS_FILE, "a", encoding="utf-8")
-        if tensorboard and not self._remote:
+            self._file = open(root / METRICS_FILE, "a", encoding="utf-8")
+        if tensorboard:
             from tensorboardX import SummaryWriter  # lazy: heavy, only when TensorBoard is on
 
-            self._tb = SummaryWriter(logdir=str(Path(self.workdir) / TB_DIR))
-        elif tensorboard:
-            logging.info("TensorBoard events are written only for local workdirs; skipping")
+            if self._remote:
+                self._tb_staging = tempfile.mkdtemp(prefix="mixat_jax_tb_")
+                self._tb = SummaryWriter(logdir=self._tb_staging)
+            else:
+                self._tb = SummaryWriter(logdir=str(root / TB_DIR))
 
     @property
     def path(self) -> str:
@@ -113,6 +117,8 @@ class MetricWriter:
             self._epath.write_text("".join(self._lines))
         if self._tb is not None:
             self._tb.flush()
+            if self._tb_staging is not None:
+                storage.copy_dir(self._tb_staging, storage.run_path(self.workdir) / TB_DIR)
 
     def close(self) -> None:
         if not self.enabled:
@@ -124,6 +130,10 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+            if self._tb_staging is not None:
+                storage.copy_dir(self._tb_staging, storage.run_path(self.workdir) / TB_DIR)
+                shutil.rmtree(self._tb_staging, ignore_errors=True)
+                self._tb_staging = None
         self.enabled = False
 
     def __enter__(self) -> MetricWriter:
@@ -133,9 +143,9 @@ class MetricWriter:
         self.close()
 
 
-def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
+def read_metrics(workdir: storage.PathLike) -> list[dict[str, Any]]:
     """All records of ``workdir/metrics.jsonl`` (for tests, reports and resume checks)."""
-    path = Path(workdir) / METRICS_FILE
+    path = storage.run_path(workdir) / METRICS_FILE
     if not path.exists():
         raise ValueError(f"no {METRICS_FILE} in {str(workdir)!r}; was the run started there?")
     with path.open(encoding="utf-8") as f:

@@ -23,9 +23,16 @@ adversarial slot; a mean over an empty set is NaN.
 * ``delta_norm_max``: max_t ‖δ_t‖ over the step (0 without attack).
 * ``num_adv_rows``, ``num_util_rows``, ``targets_dropped``: sums over the step.
 * ``grad_norm``, ``lr``: of the optimizer update (added by ``train_step``).
+
+Absent terms (issue #17): inside the program a mean over an empty set is NaN; on the host
+:func:`drop_absent` removes those terms before anything is logged, so a step without
+adversarial (utility) rows is reported by ``num_adv_rows == 0`` (``num_util_rows == 0``) and
+no value for the absent term — never a NaN.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +53,8 @@ SUM_METRICS = ("num_adv_rows", "num_util_rows", "targets_dropped")
 METRIC_NAMES = (
     MEAN_OVER_ADV + MEAN_OVER_UTIL + MEAN_OVER_ALL + TOKEN_WEIGHTED + SUM_METRICS + MAX_METRICS
 )
+
+ABSENT_WITHOUT = {"num_adv_rows": MEAN_OVER_ADV + TOKEN_WEIGHTED, "num_util_rows": MEAN_OVER_UTIL}
 
 Parts = dict[str, tuple[jax.Array, jax.Array]]
 
@@ -110,3 +119,14 @@ def finish_parts(parts: Parts, axis_name: str | None) -> dict[str, jax.Array]:
         else:
             metrics[k] = jnp.where(den > 0, num / jnp.maximum(den, 1.0), jnp.nan)
     return metrics
+
+
+def drop_absent(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Host metrics of a step without the terms it did not have: the adversarial means when
+    ``num_adv_rows == 0``, ``utility`` when ``num_util_rows == 0`` (the row counts stay)."""
+    out = dict(metrics)
+    for count, names in ABSENT_WITHOUT.items():
+        if count in out and float(out[count]) == 0.0:
+            for k in names:
+                out.pop(k, None)
+    return out

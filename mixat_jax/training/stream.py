@@ -5,12 +5,14 @@ MixAT spec §2.3, §3: the adversarial/utility mixture is fixed once (``data.int
 into static-layout micro-batches (``batches.compose_epoch``). The stream is indexed by the GLOBAL
 micro-batch index ``m`` (= optimizer step · grad_accum + g) and continues into further epochs
 past the configured ones, so ``m`` alone — saved as the data position — determines every row a
-resumed run sees (DESIGN.md rule 6).
+resumed run sees (DESIGN.md rule 6). With ``shards`` batch shards (mesh data × fsdp, issue #16)
+a micro-batch holds ``shards`` one-shard compositions (``batches.compose_epoch``) and is packed
+into :meth:`EpochStream.packing_layout`; ``shards=1`` is the single-device stream unchanged.
 
 :func:`load_rows` reads the configured sources (HarmBench files or dataset ids, UltraChat or a
 chat file, or the synthetic world; for DAT, DAT spec §2.3, Stage A's selected prompts) — every
-host reads the same small tables; the step's global arrays are built from each process's slot
-slice (``loop.global_batch``).
+host reads the same small tables and builds the same full batch; ``loop.global_batch`` places
+each device's rows from it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ import math
 from collections.abc import Callable, Sequence
 
 from mixat_jax.training import data as data_lib
-from mixat_jax.training.batches import BatchLayout, ComposedMicroBatch, compose_epoch
+from mixat_jax.training.batches import (
+    BatchLayout,
+    ComposedMicroBatch,
+    compose_epoch,
+    packing_layout,
+)
 from mixat_jax.training.data import AdvRow, Row, UtilityRow
 from mixat_jax.training.run_config import DataSpec, DatSpec
 from mixat_jax.training.synthetic import safety_world
@@ -101,10 +108,14 @@ class EpochStream:
         layout: BatchLayout,
         seed: int,
         epoch_adv: EpochAdvRows | None = None,
+        shards: int = 1,
     ):
         if not mixture:
             raise ValueError("the training mixture is empty; check the data sources")
+        if shards < 1:
+            raise ValueError(f"batch shards must be >= 1; got {shards}")
         self.mixture, self.layout, self.seed = list(mixture), layout, seed
+        self.shards = shards
         self.epoch_adv = epoch_adv
         self._adv_at = [i for i, r in enumerate(self.mixture) if isinstance(r, AdvRow)]
         self._starts: list[int] = [0]  # global index of the first micro-batch of each epoch
@@ -133,14 +144,31 @@ class EpochStream:
         """The micro-batches of ``epoch`` (cached for the current epoch)."""
         if self._cached is None or self._cached[0] != epoch:
             rows = data_lib.shuffled_epoch(self.epoch_mixture(epoch), epoch, self.seed)
-            self._cached = (epoch, compose_epoch(rows, self.layout))
+            self._cached = (epoch, compose_epoch(rows, self.layout, self.shards))
         return self._cached[1]
 
     def _epoch_length(self, epoch: int) -> int:
+        return len(self._shape_plan(epoch))
+
+    def _shape_plan(self, epoch: int) -> list[ComposedMicroBatch]:
+        """The plan of ``epoch`` with the mixture's own rows (same row kinds and counts as the
+        real plan; never calls ``epoch_adv``)."""
         if self.epoch_adv is None:
-            return len(self.plan(epoch))
-        rows = data_lib.shuffled_epoch(self.mixture, epoch, self.seed)  # same plan shape
-        return len(compose_epoch(rows, self.layout))
+            return self.plan(epoch)
+        rows = data_lib.shuffled_epoch(self.mixture, epoch, self.seed)
+        return compose_epoch(rows, self.layout, self.shards)
+
+    def packing_layout(self, micro_batches: int) -> BatchLayout:
+        """The layout micro-batches ``0 .. micro_batches - 1`` are packed into
+        (``batches.packing_layout`` over exactly those micro-batches)."""
+        plan: list[ComposedMicroBatch] = []
+        if self.layout.composition == "fixed":  # slot counts x shards, whatever the rows
+            return packing_layout(self.layout, plan, self.shards)
+        epoch = 0
+        while len(plan) < micro_batches:
+            plan += self._shape_plan(epoch)
+            epoch += 1
+        return packing_layout(self.layout, plan[:micro_batches], self.shards)
 
     def _extend_to(self, epoch: int) -> None:
         while len(self._starts) <= epoch + 1:
