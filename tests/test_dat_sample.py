@@ -145,32 +145,61 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(out: Path, cache: Path) -> None:
-    """`python -m mixat_jax.dat_sample` as two jax.distributed CPU processes (1 device each)."""
+def child_main() -> None:
+    """``python -m mixat_jax.dat_sample`` whose process 1 ALONE sends itself SIGTERM once its
+    first unit is written (process 0 gets no signal: only the agreed stop can end it)."""
+    import signal
+
+    import jax
+
+    from mixat_jax import dat_sample
+
+    run_unit = stage_a.run_unit
+
+    def run_unit_then_preempt(s, unit):
+        records = run_unit(s, unit)
+        if jax.process_index() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return records
+
+    stage_a.run_unit = run_unit_then_preempt
+    sys.argv = ["mixat_jax.dat_sample", *sys.argv[1:]]
+    dat_sample.cli()
+
+
+def run_two_processes(out: Path, cache: Path, *, preempt: bool = False) -> list[str]:
+    """`python -m mixat_jax.dat_sample` as two jax.distributed CPU processes (1 device each);
+    ``preempt``: through :func:`child_main`, both must exit 143. Returns their logs."""
     coordinator = f"127.0.0.1:{_free_port()}"
-    procs = []
+    procs, logs = [], []
+    cmd = _cmd(out, cache)
+    if preempt:
+        cmd = [sys.executable, "-c", "from tests.test_dat_sample import child_main; child_main()",
+               *cmd[3:]]  # fmt: skip
     try:
         for i in range(2):
             env = _env(cache, MIXAT_JAX_DISTRIBUTED="1", MIXAT_JAX_COORDINATOR=coordinator,
                        MIXAT_JAX_NUM_PROCESSES="2", MIXAT_JAX_PROCESS_ID=str(i))  # fmt: skip
-            procs.append(subprocess.Popen(_cmd(out, cache), cwd=ROOT, env=env, text=True,
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, text=True,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
         deadline = time.monotonic() + TIMEOUT_S
         for i, p in enumerate(procs):
             log, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            assert p.returncode == 0, f"process {i}: {log[-3000:]}"
-            assert i != 0 or "1 already done" in log, log[-3000:]  # unit 0 of process 0's 0, 2, 4
+            assert p.returncode == (143 if preempt else 0), f"process {i}: {log[-3000:]}"
+            logs.append(log)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.communicate()
+    return logs
 
 
 def test_resumed_by_two_processes_equals_uninterrupted_one_process_run(reference, cache, tmp_path):
     """Interrupted after 2 units (one process; its shard then gets a torn last line, as from a
     kill in mid-write) and resumed by two jax.distributed processes, which split the remaining
-    units round robin (process 0 merges after a barrier): the files equal the uninterrupted
+    units round robin (process 0 merges after a barrier) — first preempted on process 1 only
+    (both stop after the same round), then to the end: the files equal the uninterrupted
     one-process run's. So resuming, the process count and the order of work change nothing."""
     out = tmp_path / "resumed"
     first = run_cli(out, cache, "--config.stop_after_units=2")
@@ -182,11 +211,17 @@ def test_resumed_by_two_processes_equals_uninterrupted_one_process_run(reference
     with shard.open("a") as f:
         f.write('{"behavior_id": "synthetic_2", "unit": 0, "records": [{"dra')
     fingerprint = json.loads((out / "inputs.json").read_text())["behaviors_sha256"]
-    run_two_processes(out, cache)
+    # Preempted on process 1 only (issue #16): both stop after the same round, exit 143, no merge.
+    logs = run_two_processes(out, cache, preempt=True)
+    assert all("preempted after 1 units" in log for log in logs), logs[0][-2000:]
+    assert not (out / "samples.jsonl").exists()
+    assert len(shard.read_text().splitlines()) == 3  # torn tail cut, unit 2 appended
+    logs = run_two_processes(out, cache)
+    assert "2 already done" in logs[0], logs[0][-3000:]  # units 0, 2 of process 0's 0, 2, 4
     assert json.loads((out / "inputs.json").read_text())["behaviors_sha256"] == fingerprint
     assert sorted(q.name for q in (out / "shards").iterdir()) == [
         "process_00000.jsonl", "process_00001.jsonl"]  # fmt: skip
-    assert len(shard.read_text().splitlines()) == 4  # torn tail cut, units 2 and 4 appended
+    assert len(shard.read_text().splitlines()) == 4  # unit 4 appended on the resume
     assert outputs(out) == outputs(reference)
 
 

@@ -16,7 +16,8 @@
    `selected.jsonl` (behaviour order, then selection rank), `summary.png`, and `summary.json`
    last (it marks a finished run: re-running returns it and writes nothing).
 
-SIGTERM / Ctrl-C stop after the unit in progress is written (its line is complete) and raise
+SIGTERM / Ctrl-C stop after the unit in progress is written (its line is complete; with several
+processes the decision is agreed once per round of units, so all stop after the same round) and raise
 `cli.Stopped` (exit 143 / 130); `stop_after_units` (debug) stops likewise with status 0.
 """
 
@@ -369,6 +370,16 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def agreed_rounds(n_todo: int) -> int:
+    """Rounds of the unit loop: the largest number of units left on any process (COLLECTIVE when
+    distributed), so every process takes part in every round's stop decision."""
+    if jax.process_count() == 1:
+        return n_todo
+    from jax.experimental import multihost_utils  # lazy: only distributed runs
+
+    return int(np.max(multihost_utils.process_allgather(np.asarray([n_todo], np.int32))))
+
+
 def run(cfg: sc.SampleConfig, workdir: str | Path) -> dict[str, Any]:
     """Stage A (see module doc). Returns the summary; resumable; a finished workdir is a no-op."""
     workdir = Path(workdir)
@@ -397,27 +408,33 @@ def run(cfg: sc.SampleConfig, workdir: str | Path) -> dict[str, Any]:
         f"done; mesh {dict(s.mesh.shape)}; canvas length {s.length}; setup "
         f"{time.perf_counter() - t_setup:.1f} s")  # fmt: skip
     flag = install_sigterm_handler()
+    rounds = agreed_rounds(len(todo))
     t0 = time.perf_counter()
-    samples = 0
+    samples = n_done = 0
     try:
-        for n_done, unit in enumerate(todo, 1):
-            t_unit = time.perf_counter()
-            records = run_unit(s, unit)
-            writer.append(unit.behavior_id, unit.unit, time.perf_counter() - t_unit, records)
-            samples += len(records)
-            elapsed = time.perf_counter() - t0
-            if n_done % cfg.log_every == 0 or n_done == len(todo):
-                rate = samples / elapsed
-                eta = (elapsed / n_done) * (len(todo) - n_done)
-                log(f"units {len(mine) - len(todo) + n_done}/{len(mine)} (this process), "
-                    f"{rate:.2f} samples/s, ETA {eta:.0f} s")  # fmt: skip
-            if flag.requested and n_done < len(todo):  # after the last unit: merge instead
+        for r in range(rounds):
+            if r < len(todo):
+                unit = todo[r]
+                t_unit = time.perf_counter()
+                records = run_unit(s, unit)
+                writer.append(unit.behavior_id, unit.unit, time.perf_counter() - t_unit, records)
+                samples += len(records)
+                n_done += 1
+                elapsed = time.perf_counter() - t0
+                if n_done % cfg.log_every == 0 or n_done == len(todo):
+                    rate = samples / elapsed
+                    eta = (elapsed / n_done) * (len(todo) - n_done)
+                    log(f"units {len(mine) - len(todo) + n_done}/{len(mine)} (this process), "
+                        f"{rate:.2f} samples/s, ETA {eta:.0f} s")  # fmt: skip
+            # One agreed decision per round (issue #16): every process stops after the same
+            # round, so none is left waiting at the merge barrier for a peer that has exited.
+            if flag.agree() and r + 1 < rounds:  # after the last round: merge instead
                 code = cli_lib.EXIT_INTERRUPTED if flag.status == "interrupted" else (
                     cli_lib.EXIT_PREEMPTED)  # fmt: skip
                 raise cli_lib.Stopped(
                     f"{flag.status} after {n_done} units; finished units are in "
                     f"{writer.path}; re-run the same command to continue", code)  # fmt: skip
-            if cfg.stop_after_units and n_done >= cfg.stop_after_units and n_done < len(todo):
+            if cfg.stop_after_units and r + 1 >= cfg.stop_after_units and r + 1 < rounds:
                 raise cli_lib.Stopped(
                     f"stopped after {n_done} units (stop_after_units); re-run without it to "
                     "continue", 0)  # fmt: skip
