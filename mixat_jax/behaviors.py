@@ -378,6 +378,27 @@ def load_xstest(path: str | Path) -> XSTestPrompts:
 TABLE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
 
 
+def read_jsonl(path: str | Path, fix: str) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` for every non-blank line of a JSONL file of JSON objects. A line
+    that is not valid JSON or not an object is a one-line ``ValueError`` naming the file and the
+    line and ending in ``fix`` (what the user should do, e.g. "rewrite it with ...")."""
+    out: list[tuple[int, dict[str, Any]]] = []
+    with Path(path).open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"line {n} of {str(path)!r} is not valid JSON ({e.msg}); {fix}"
+                ) from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"line {n} of {str(path)!r} is not a JSON object; {fix}")
+            out.append((n, rec))
+    return out
+
+
 def is_local_table(source: str | Path) -> bool:
     """True if `source` names a local file (existing, or with a table suffix), not a dataset id."""
     p = Path(source)
@@ -392,8 +413,7 @@ def _read_local_table(path: Path) -> list[dict[str, Any]]:
         with path.open(encoding="utf-8", errors="replace", newline="") as f:
             return list(csv.DictReader(f))
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return [rec for _, rec in read_jsonl(path, "fix or replace the file")]
     if suffix == ".json":
         with path.open(encoding="utf-8") as f:
             obj = json.load(f)

@@ -45,6 +45,7 @@ from mixat_jax.attacks.persuasion_taxonomy import (
     PersuasionTechnique,
     technique_by_name,
 )
+from mixat_jax.behaviors import read_jsonl
 
 __all__ = [
     "PAP",
@@ -360,20 +361,9 @@ def load_pool(path: str | Path) -> list[dict[str, Any]]:
     if not p.is_file():
         raise ValueError(f"PAP pool {p} does not exist; build it with python -m mixat_jax.pap_pool")
     records: list[dict[str, Any]] = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{p}:{lineno}: invalid JSON ({e.msg}); regenerate the pool"
-                ) from e
-            missing = [k for k in POOL_FIELDS if k not in rec]
-            if missing:
-                raise ValueError(
-                    f"{p}:{lineno}: record lacks fields {missing}; regenerate the pool"
-                )
-            records.append(rec)
+    for lineno, rec in read_jsonl(p, "regenerate the pool with python -m mixat_jax.pap_pool"):
+        missing = [k for k in POOL_FIELDS if k not in rec]
+        if missing:
+            raise ValueError(f"{p}:{lineno}: record lacks fields {missing}; regenerate the pool")
+        records.append(rec)
     return records

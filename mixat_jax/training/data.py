@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from mixat_jax.behaviors import is_local_table, read_table
+from mixat_jax.behaviors import is_local_table, read_jsonl, read_table
 
 SAFE_RESPONSE = "Sorry, I can't do that."
 ULTRACHAT_ID = "HuggingFaceH4/ultrachat_200k"
@@ -170,28 +170,15 @@ def read_dat_records(path: str | Path) -> list[dict[str, Any]]:
             "--workdir OUT first and pass OUT/selected.jsonl (candidates: OUT/samples.jsonl)"
         )
     records: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
+    for n, rec in read_jsonl(path, f"rewrite the file with {DAT_SAMPLE_COMMAND}"):
+        for name in DAT_FIELDS:
+            if not isinstance(rec.get(name), str):
+                what = "has no field" if name not in rec else "has a non-string field"
                 raise ValueError(
-                    f"line {n} of {str(path)!r} is not valid JSON ({e.msg}); rewrite the file "
-                    f"with {DAT_SAMPLE_COMMAND}"
-                ) from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"line {n} of {str(path)!r} is not a JSON object; rewrite "
-                                 f"the file with {DAT_SAMPLE_COMMAND}")  # fmt: skip
-            for name in DAT_FIELDS:
-                if not isinstance(rec.get(name), str):
-                    what = "has no field" if name not in rec else "has a non-string field"
-                    raise ValueError(
-                        f"line {n} of {str(path)!r} {what} {name!r}; DAT records need "
-                        f"{list(DAT_FIELDS)} (rewrite the file with {DAT_SAMPLE_COMMAND})"
-                    )
-            records.append(rec)
+                    f"line {n} of {str(path)!r} {what} {name!r}; DAT records need "
+                    f"{list(DAT_FIELDS)} (rewrite the file with {DAT_SAMPLE_COMMAND})"
+                )
+        records.append(rec)
     if not records:
         raise ValueError(
             f"no selected prompts in {str(path)!r}; run {DAT_SAMPLE_COMMAND} first / check "
