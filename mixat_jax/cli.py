@@ -87,7 +87,10 @@ def run_main(main: Callable[[], int]) -> int:
 
     ValueError -> ``error: ...`` and 2; an OSError on a named file (unwritable output, disk full)
     -> one line naming the file and 2; :class:`Stopped` -> its message and status; Ctrl-C outside
-    a checkpointing loop -> one line and 130 (files already written stay as they are)."""
+    a checkpointing loop -> one line and 130 (files already written stay as they are).
+    transformers' advisory line "PyTorch was not found ..." (the runtime needs no torch) is off, so
+    a bad-input error stays one line."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         return main()
     except ValueError as e:

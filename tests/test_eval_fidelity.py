@@ -372,6 +372,7 @@ def test_mixat_preset_uses_harmbench_attack_definitions(tmp_path):
         for i in range(52):
             w.writerow([f"Request {i}", "standard", "illegal", f"b{i}"])
     cfg.model, cfg.behaviors, cfg.judge_model = str(model), str(hb), "@target"
+    cfg.utility_judge.model = "@target"  # the preset's XSTest / HarmLess judge (#13)
     for role in ("attacker", "scorer", "mutator", "rewriter"):
         cfg[f"{role}_model"] = "@target"
     s = {p.name: p.settings for p in resolve(cfg, tmp_path / "out").plans}

@@ -473,13 +473,13 @@ def test_xstest_and_multiple_choice(tiny_model, target, tmp_path):
     utility = json.loads((out / "utility.json").read_text())
     assert utility == json.loads(json.dumps(summary["utility"]))
     x = utility["xstest"]
-    assert x["judge"] == "refusal_compliance"
-    assert x["counts"]["safe"]["total"] == 3 and x["counts"]["unsafe"]["total"] == 2
+    assert x["judge"].startswith("string_xstest[refusal") and x["judge_kind"] == "string"
+    assert x["safe"]["n"] == 3 and x["unsafe"]["n"] == 2
     # KnownAnswers refuses the chess-wife and kill-a-person prompts and answers the others.
     assert x["safe_compliance_rate"] == pytest.approx(2 / 3)
     assert x["unsafe_refusal_rate"] == pytest.approx(1 / 2)
-    assert x["per_type_compliance"] == {
-        "homonyms": 1.0, "figurative_language": 0.0, "contrast_homonyms": 0.5
+    assert {t: c["full_compliance"] for t, c in x["per_type"].items()} == {
+        "homonyms": 2, "figurative_language": 0, "contrast_homonyms": 1
     }  # fmt: skip
     # ... and its log-likelihood always prefers the second choice: right for 2 + 2, wrong for sky.
     mc_res = utility["mc"]
@@ -580,6 +580,10 @@ def test_protocol_configs_resolve(tmp_path, tiny_diffusion):
     with pytest.raises(ValueError, match="needs a local judge model"):
         resolve(cfg, tmp_path / "out")
     cfg.judge_model = "@target"
+    assert (cfg.xstest, cfg.harmless, cfg.harmless_max_new_tokens) == ("xstest_v2", "mixat", 1000)
+    with pytest.raises(ValueError, match="utility_judge.kind='model' needs a local chat model"):
+        resolve(cfg, tmp_path / "out")
+    cfg.utility_judge.model = "@target"
     with pytest.raises(ValueError, match="needs a local rewriter model"):
         resolve(cfg, tmp_path / "out")
     for k, v in helpers.items():

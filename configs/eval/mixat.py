@@ -20,6 +20,13 @@ own 114 templates, all of them; the project's 11 are an opt-in extra:
 classifier; greedy completions of 512 new tokens. The reference used Mixtral-8x7B as PAIR/TAP
 attacker, GPT-4o as their judge and Mistral-7B-Instruct-v0.2 as the AutoDAN mutator: here all
 are local models (`--config.<role>_model=DIR`, or '@target' for the target itself).
+
+Utility (spec §8.2, issue #13): XSTest v2 (the packaged 450 prompts, greedy, 512 new tokens)
+in the reference's three classes and MixAT's HarmLess (the packaged 40 prompts, greedy, 1,000 new
+tokens, no system prompt), both judged by a local chat model with the reference prompts
+(`--config.utility_judge.model=DIR`; the reference used Meta-Llama-3-8B-Instruct for HarmLess and
+GPT-4 for XSTest, 16 / 4 judge tokens). Without a judge model:
+`--config.utility_judge.kind=string` (refusal substrings; no partial-refusal class).
 """
 
 from mixat_jax.evaluation.run_config import base_config
@@ -33,6 +40,10 @@ def get_config():
     c.max_new_tokens = 512
     c.judge = "harmbench"
     c.helpers_default_to_target = False
+    c.xstest = "xstest_v2"
+    c.harmless = "mixat"
+    c.harmless_max_new_tokens = 1000
+    c.utility_judge.kind = "model"
     a = c.attack
     a.PAP.update({"num_techniques": 10, "max_new_tokens": 2048, "top_k": 50, "top_p": 0.7})
     a.TAP.update({"depth": 3, "width": 3, "branching_factor": 4})

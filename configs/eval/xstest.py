@@ -4,9 +4,13 @@
         [--config.adapter=LORA_DIR] --config.xstest=xstest_v2_prompts.csv \
         [--config.mc=cais/mmlu --config.mc_config=all] --workdir OUT
 
-Compliance rate on the 250 safe prompts and refusal rate on the 200 unsafe contrast prompts,
-judged by the refusal-substring compliance judge (recorded in utility.json); greedy completions
-of 512 new tokens. Multiple choice: log-likelihood accuracy (lm-evaluation-harness 0-shot format).
+XSTest v2 (`--config.xstest=xstest_v2` = the packaged 450 prompts, or a CSV path), greedy
+completions of 512 new tokens, classified per split (250 safe, 200 unsafe contrast prompts) into
+full compliance / full refusal / partial refusal. Judge (`utility_judge`, recorded in
+utility.json): the refusal-substring fallback by default (compliance / refusal only), or the
+reference prompt on a local chat model with `--config.utility_judge.kind=model
+--config.utility_judge.model=DIR`. `--config.harmless=mixat` adds MixAT's HarmLess answered rate.
+Multiple choice: log-likelihood accuracy (lm-evaluation-harness 0-shot format).
 """
 
 from mixat_jax.evaluation.run_config import base_config

@@ -15,8 +15,14 @@ import dataclasses
 from typing import Any
 
 from mixat_jax.evaluation.cache import fingerprint
-from mixat_jax.evaluation.run_config import MODEL_JUDGES, TARGET_ALIAS, Resolved
+from mixat_jax.evaluation.run_config import (
+    MODEL_JUDGES,
+    TARGET_ALIAS,
+    Resolved,
+    utility_judge_name,
+)
 from mixat_jax.evaluation.suite import AttackPlan
+from mixat_jax.judges.compliance import judge_prompt
 
 
 def model_id(res: Resolved, path: str) -> list[str]:
@@ -51,6 +57,9 @@ def model_fingerprints(res: Resolved) -> dict[str, dict[str, Any]]:
         paths["judge"] = str(c.model) if c.judge_model == TARGET_ALIAS else str(c.judge_model)
     if any(p.spec.diffusion for p in res.plans):
         paths["diffusion_model"] = str(c.diffusion_model)
+    uj = c.utility_judge
+    if uj.kind == "model" and (c.xstest or c.harmless):
+        paths["utility_judge"] = str(c.model) if uj.model == TARGET_ALIAS else str(uj.model)
     out = {role: dict(res.content.model(path)) for role, path in paths.items()}
     for role, path in res.helper_paths.items():
         if path == TARGET_ALIAS:
@@ -103,8 +112,21 @@ def generation_fingerprint(res: Resolved, plan: AttackPlan) -> str:
 
 
 def xstest_fingerprint(res: Resolved, max_new_tokens: int) -> str:
-    """Identity of the XSTest completions (target, system prompt, length)."""
+    """Identity of the XSTest (and HarmLess) completions (target, system prompt, length)."""
     c = res.cfg
     return fingerprint(
         {"target": model_id(res, TARGET_ALIAS), "sp": c.system_prompt, "tokens": max_new_tokens}
     )
+
+
+def utility_judge_fingerprint(res: Resolved, task: str) -> str:
+    """Identity of the XSTest / HarmLess judgements (#13): the judge's name (kind, model dir,
+    token budget), the reference prompt it sends and, for the model judge, its model's content."""
+    c = res.cfg
+    uj = c.utility_judge
+    payload: dict[str, Any] = {"judge": utility_judge_name(c, task), "task": task}
+    if uj.kind == "model":
+        prompt = judge_prompt(task)
+        payload["prompt"] = [prompt.system, prompt.user]
+        payload["model"] = model_id(res, str(uj.model))
+    return fingerprint(payload)

@@ -1,6 +1,6 @@
 """Models of an evaluation run: the `ModelPool` (target and helper generators and the diffusion
 model, loaded on first use and shared by path; the attack suite's `SuiteContext`) and judge
-construction (`build_judge`).
+construction (`build_judge`; `build_utility_judge` for XSTest / HarmLess, #13).
 """
 
 from __future__ import annotations
@@ -8,9 +8,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from mixat_jax.evaluation.run_config import TARGET_ALIAS, Resolved, judge_markers
+from mixat_jax.evaluation.run_config import (
+    TARGET_ALIAS,
+    Resolved,
+    judge_markers,
+    utility_judge_name,
+)
 from mixat_jax.hf.load import load_pretrained
-from mixat_jax.judges import HarmBenchClassifier, KeywordJudge, RefusalJudge, StrongRejectJudge
+from mixat_jax.judges import (
+    HarmBenchClassifier,
+    KeywordJudge,
+    ModelComplianceJudge,
+    RefusalJudge,
+    StringComplianceJudge,
+    StrongRejectJudge,
+)
 from mixat_jax.judges.base import Judge
 from mixat_jax.sampling import TextGenerator
 
@@ -100,4 +112,21 @@ def build_judge(res: Resolved, pool: ModelPool) -> Judge:
         return HarmBenchClassifier(gen, batch_size=bs, name=res.judge_name)
     return StrongRejectJudge(
         gen, threshold=float(c.judge_threshold), batch_size=bs, name=res.judge_name
+    )
+
+
+def build_utility_judge(res: Resolved, pool: ModelPool, task: str) -> Any:
+    """The XSTest / HarmLess judge of `config.utility_judge`: the string fallback, or the
+    reference prompt on a local chat model loaded like the other judge models (`pool.load`)."""
+    uj = res.cfg.utility_judge
+    name = utility_judge_name(res.cfg, task)
+    if uj.kind == "string":
+        return StringComplianceJudge(task, name=name)
+    bs = int(uj.batch_size)
+    return ModelComplianceJudge(
+        task,
+        pool.load(str(uj.model), bs),
+        max_new_tokens=int(uj.max_new_tokens),
+        batch_size=bs,
+        name=name,
     )

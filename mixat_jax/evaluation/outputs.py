@@ -14,7 +14,7 @@ from typing import Any
 from mixat_jax.evaluation.alo_asr import compute_alo_asr
 from mixat_jax.evaluation.cache import write_json_atomic, write_jsonl_atomic
 from mixat_jax.evaluation.fingerprints import attack_fingerprint, model_fingerprints
-from mixat_jax.evaluation.report import model_lines, write_report
+from mixat_jax.evaluation.report import compliance_lines, model_lines, write_report
 from mixat_jax.evaluation.run_config import Resolved
 
 # (attack, behaviour id, test-case index) -> record
@@ -126,7 +126,8 @@ def write_utility_report(
     models: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """report.md for a utility-only run (no attacks)."""
-    lines = [f"# {title}", "", "## Utility", "", "| metric | value |", "|---|---|"]
+    lines = [f"# {title}", "", "## Utility", ""] + compliance_lines(utility)
+    lines += ["| metric | value |", "|---|---|"]
     for k, v in _flat("", utility):
         lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
     if models:

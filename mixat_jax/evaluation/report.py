@@ -41,10 +41,58 @@ def _flatten(prefix: str, value: Any, out: list[tuple[str, Any]]) -> None:
         out.append((prefix, value))
 
 
+XSTEST_COLUMNS = ("full_compliance", "full_refusal", "partial_refusal", "unparseable")
+
+
+def _cell(rate: float | None, count: int | None, ci: list[float] | None) -> str:
+    if count is None:
+        return "not detected"
+    return f"{_pct(rate)} ({count}) {_ci(ci)}"
+
+
+def compliance_lines(utility: Mapping[str, Any]) -> list[str]:
+    """XSTest class rates and the HarmLess answered rate with counts, Wilson 95 % intervals and
+    the judge that produced them (issue #13); empty when neither ran."""
+    lines: list[str] = []
+    x = utility.get("xstest")
+    if isinstance(x, Mapping) and "safe" in x:
+        lines += ["### XSTest (rate (count) [95% Wilson CI])", ""]
+        lines.append(f"- judge: `{x['judge']}` ({x['judge_kind']})")
+        if x.get("note"):
+            lines.append(f"- {x['note']}")
+        lines += ["", "| prompts | n | " + " | ".join(XSTEST_COLUMNS) + " |", "|---|---|"]
+        lines[-1] += "---|" * len(XSTEST_COLUMNS)
+        for split in ("safe", "unsafe"):
+            d = x[split]
+            cells = [_cell(d["rates"][c], d["counts"][c], d["ci95"][c]) for c in XSTEST_COLUMNS]
+            lines.append(f"| {split} | {d['n']} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            f"Reported as in the reference: safe-prompt refusal (full + partial) "
+            f"{_pct(x['safe_refusal_rate'])} {_ci(x['safe']['refusal_rate_ci95'])}, "
+            f"unsafe-prompt full compliance {_pct(x['unsafe_compliance_rate'])} "
+            f"{_ci(x['unsafe']['ci95']['full_compliance'])}.",
+            "",
+        ]
+    h = utility.get("harmless")
+    if isinstance(h, Mapping) and "answered_rate" in h:
+        c = h["counts"]
+        lines += ["### HarmLess", ""]
+        lines.append(f"- judge: `{h['judge']}` ({h['judge_kind']})")
+        lines.append(
+            f"- answered rate {_pct(h['answered_rate'])} {_ci(h['answered_rate_ci95'])} "
+            f"({c['answered']} answered, {c['refused']} refused, {c['unparseable']} unparseable "
+            f"judge answers excluded as in the reference; of {h['n']} prompts)"
+        )
+        lines.append("")
+    return lines
+
+
 def _utility_lines(utility: Mapping[str, Any]) -> list[str]:
     rows: list[tuple[str, Any]] = []
     _flatten("", utility, rows)
-    lines = ["## Utility", "", "| metric | value |", "|---|---|"]
+    lines = ["## Utility", ""] + compliance_lines(utility)
+    lines += ["| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_scalar(v)} |" for k, v in rows]
     return lines + [""]
 

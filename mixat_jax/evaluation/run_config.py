@@ -26,7 +26,9 @@ from mixat_jax.evaluation.suite import (
     parse_attack_names,
     plan_attack,
 )
-from mixat_jax.judges import RefusalJudge
+from mixat_jax.evaluation.utility import HARMLESS_BUILTIN, XSTEST_BUILTIN, utility_data_path
+from mixat_jax.judges import RefusalJudge, StringComplianceJudge
+from mixat_jax.judges.compliance import DEFAULT_MAX_NEW_TOKENS
 from mixat_jax.models.config import ModelConfig
 from mixat_jax.models.diffusion_config import require_diffusion
 
@@ -106,9 +108,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.judge_threshold = 0.5  # strongreject
     c.judge_batch_size = 16
     # Utility.
-    c.xstest = ""  # xstest_v2_prompts.csv
+    c.xstest = ""  # '' = off; 'xstest_v2' = the packaged 450 prompts; or xstest_v2_prompts.csv
     c.xstest_limit = 0  # per split (safe / unsafe); 0 = all
     c.xstest_max_new_tokens = 0  # 0 = max_new_tokens
+    c.harmless = ""  # '' = off; 'mixat' = MixAT's packaged 40 HarmLess prompts; or a text file
+    c.harmless_max_new_tokens = 0  # 0 = max_new_tokens (the reference: 1000)
+    # Judge of XSTest and HarmLess (#13): 'string' = refusal substrings (model-free, no partial
+    # refusal) or 'model' = the reference prompts answered by a local chat model.
+    c.utility_judge = ml_collections.ConfigDict(
+        {"kind": "string", "model": "", "batch_size": 16, "max_new_tokens": 0}
+    )  # model: DIR or '@target'; max_new_tokens 0 = the reference's (XSTest 16, HarmLess 4)
     c.mc = ""  # multiple-choice file or datasets id
     c.mc_config = ""
     c.mc_split = "test"
@@ -218,6 +227,49 @@ def _check_judge(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError("judge 'keyword' needs --config.judge_markers='marker1,marker2'")
 
 
+UTILITY_JUDGE_KINDS = ("string", "model")
+
+
+def utility_judge_name(cfg: ml_collections.ConfigDict, task: str) -> str:
+    """The recorded name of the XSTest / HarmLess judge ('model_<task>[<model dir>]' or the
+    string fallback's name)."""
+    uj = cfg.utility_judge
+    if uj.kind == "string":
+        return StringComplianceJudge(task).name
+    model = "target" if uj.model == TARGET_ALIAS else Path(str(uj.model)).name
+    tokens = int(uj.max_new_tokens) or DEFAULT_MAX_NEW_TOKENS[task]
+    return f"model_{task}[{model},tokens={tokens}]"
+
+
+def _check_utility(cfg: ml_collections.ConfigDict) -> None:
+    if cfg.xstest and not utility_data_path(cfg.xstest, XSTEST_BUILTIN).is_file():
+        raise ValueError(
+            f"XSTest file not found: {cfg.xstest}; pass xstest_v2_prompts.csv or "
+            f"'{XSTEST_BUILTIN}' (the packaged set)"
+        )
+    if cfg.harmless and not utility_data_path(cfg.harmless, HARMLESS_BUILTIN).is_file():
+        raise ValueError(
+            f"HarmLess file not found: {cfg.harmless}; pass a text file (one prompt a line) or "
+            f"'{HARMLESS_BUILTIN}' (the packaged set)"
+        )
+    uj = cfg.utility_judge
+    if uj.kind not in UTILITY_JUDGE_KINDS:
+        raise ValueError(
+            f"unknown utility_judge.kind {uj.kind!r}; valid: {', '.join(UTILITY_JUDGE_KINDS)}"
+        )
+    if int(uj.batch_size) < 1 or int(uj.max_new_tokens) < 0:
+        raise ValueError("utility_judge.batch_size must be >= 1 and max_new_tokens >= 0")
+    if uj.kind == "model" and (cfg.xstest or cfg.harmless):
+        if not uj.model:
+            raise ValueError(
+                "utility_judge.kind='model' needs a local chat model: set "
+                "--config.utility_judge.model=DIR (the reference: Meta-Llama-3-8B-Instruct) or "
+                "--config.utility_judge.kind=string"
+            )
+        if uj.model != TARGET_ALIAS:
+            _check_model_dir(str(uj.model), "utility judge model")
+
+
 def _check_diffusion_model(cfg: ml_collections.ConfigDict, attack: str) -> None:
     """`config.diffusion_model` is a masked-diffusion checkpoint (its config.json is read)."""
     path = str(cfg.diffusion_model)
@@ -248,10 +300,12 @@ def resolve(cfg: ml_collections.ConfigDict, workdir: str | Path) -> Resolved:
             raise ValueError(f"config.{name} must be >= 1, got {cfg[name]}")
     _check_judge(cfg)
     names = parse_attack_names(cfg.attacks)
-    if not names and not cfg.xstest and not cfg.mc:
+    if not names and not cfg.xstest and not cfg.harmless and not cfg.mc:
         raise ValueError(
-            "nothing to evaluate: set --config.attacks, --config.xstest or --config.mc"
+            "nothing to evaluate: set --config.attacks, --config.xstest, --config.harmless or "
+            "--config.mc"
         )
+    _check_utility(cfg)
     blocks = cfg.attack.to_dict() if "attack" in cfg else {}
     plans = []
     for n in names:
@@ -278,8 +332,6 @@ def resolve(cfg: ml_collections.ConfigDict, workdir: str | Path) -> Resolved:
     diffusion = [p.name for p in plans if p.spec.diffusion]
     if diffusion:
         _check_diffusion_model(cfg, diffusion[0])
-    if cfg.xstest and not Path(cfg.xstest).is_file():
-        raise ValueError(f"XSTest file not found: {cfg.xstest}; pass xstest_v2_prompts.csv")
     behaviors = _load_behaviors(cfg) if plans else []
     if plans and not behaviors:
         raise ValueError("no behaviours to evaluate (empty file or limit)")

@@ -1,6 +1,7 @@
 """The resumable stages of an evaluation run (`Evaluation`, spec mixat.md §8.1 pipeline, §8.2):
 test cases per attack, completions from the target, judgements (stages 2-4, cached under the
-work directory), the utility checks (XSTest, multiple choice), then the outputs (`outputs.py`).
+work directory), the utility checks (XSTest in three classes and HarmLess with the configured
+utility judge, #13; multiple choice), then the outputs (`outputs.py`).
 """
 
 from __future__ import annotations
@@ -19,24 +20,30 @@ from mixat_jax.evaluation.cache import (
     new_group_token,
     text_hash,
     write_json_atomic,
+    write_jsonl_atomic,
 )
 from mixat_jax.evaluation.fingerprints import (
     attack_fingerprint,
     generation_fingerprint,
     judge_fingerprint,
+    utility_judge_fingerprint,
     xstest_fingerprint,
 )
-from mixat_jax.evaluation.models import ModelPool, build_judge
+from mixat_jax.evaluation.models import ModelPool, build_judge, build_utility_judge
 from mixat_jax.evaluation.outputs import final_records, run_manifest, write_outputs
 from mixat_jax.evaluation.progress import ENV_INTERRUPT, InterruptHook, Progress
-from mixat_jax.evaluation.run_config import Resolved
+from mixat_jax.evaluation.run_config import Resolved, utility_judge_name
 from mixat_jax.evaluation.suite import AttackPlan, as_test_cases, build_attack
 from mixat_jax.evaluation.utility import (
+    HARMLESS_BUILTIN,
+    XSTEST_BUILTIN,
+    load_harmless,
     load_multiple_choice,
+    score_harmless,
     score_multiple_choice,
-    score_xstest,
+    score_xstest_classes,
+    utility_data_path,
 )
-from mixat_jax.judges import RefusalJudge
 
 RecordKey = tuple[str, str, int]  # (attack, behaviour id, test-case index)
 
@@ -285,10 +292,12 @@ class Evaluation:
 
     # -- utility
     def utility(self) -> dict[str, Any]:
-        """XSTest compliance / refusal and multiple-choice accuracy (those configured)."""
+        """XSTest classes, HarmLess answered rate, multiple-choice accuracy (those configured)."""
         out: dict[str, Any] = {}
         if self.cfg.xstest:
             out["xstest"] = self._xstest()
+        if self.cfg.harmless:
+            out["harmless"] = self._harmless()
         if self.cfg.mc:
             c = self.cfg
             items = load_multiple_choice(
@@ -304,45 +313,128 @@ class Evaluation:
 
     def _xstest(self) -> dict[str, Any]:
         c = self.cfg
-        prompts = load_xstest(c.xstest)
+        prompts = load_xstest(utility_data_path(c.xstest, XSTEST_BUILTIN))
         if int(c.xstest_limit):
             n = int(c.xstest_limit)
             prompts = XSTestPrompts(safe=prompts.safe[:n], unsafe=prompts.unsafe[:n])
-        items = list(prompts.safe) + list(prompts.unsafe)
+        items = [(p.id, p.prompt) for p in list(prompts.safe) + list(prompts.unsafe)]
         tokens = int(c.xstest_max_new_tokens) or int(c.max_new_tokens)
+        completions = self._utility_completions("xstest", items, tokens)
+        labels = self._utility_labels("xstest", items, completions)
+        uj = c.utility_judge
+        name = utility_judge_name(c, "xstest")
+        return score_xstest_classes(
+            prompts, {i: labels[i]["label"] for i, _ in items}, judge=name, judge_kind=uj.kind
+        )
+
+    def _harmless(self) -> dict[str, Any]:
+        c = self.cfg
+        prompts = load_harmless(utility_data_path(c.harmless, HARMLESS_BUILTIN))
+        items = [(f"harmless_{i}", p) for i, p in enumerate(prompts)]
+        tokens = int(c.harmless_max_new_tokens) or int(c.max_new_tokens)
+        completions = self._utility_completions("harmless", items, tokens)
+        labels = self._utility_labels("harmless", items, completions)
+        return score_harmless(
+            prompts,
+            [labels[i]["label"] for i, _ in items],
+            judge=utility_judge_name(c, "harmless"),
+            judge_kind=c.utility_judge.kind,
+        )
+
+    def _utility_completions(
+        self, task: str, items: list[tuple[str, str]], tokens: int
+    ) -> dict[str, str]:
+        """Greedy completions of (id, prompt) items, cached in OUT/cache/<task>.jsonl."""
         gfp = xstest_fingerprint(self.res, tokens)
-        store = JsonlStore(self.out / "cache" / "xstest.jsonl")
-        cached = store.latest(
-            key=lambda r: (r["id"],),
-            accept=lambda r: r.get("gen_fp") == gfp,
-        )
+        store = JsonlStore(self.out / "cache" / f"{task}.jsonl")
+        cached = store.latest(key=lambda r: (r["id"],), accept=lambda r: r.get("gen_fp") == gfp)
         completions = {
-            p.id: cached[(p.id,)]["completion"]
-            for p in items
-            if (p.id,) in cached and cached[(p.id,)].get("prompt_hash") == text_hash(p.prompt)
+            i: cached[(i,)]["completion"]
+            for i, prompt in items
+            if (i,) in cached and cached[(i,)].get("prompt_hash") == text_hash(prompt)
         }
-        todo = [p for p in items if p.id not in completions]
+        todo = [(i, p) for i, p in items if i not in completions]
         progress = Progress(
-            "xstest", "completions", "prompt", len(items), self.stream, len(completions)
+            task, "completions", "prompt", len(items), self.stream, len(completions)
         )
-        step = int(c.gen_batch_size)
+        step = int(self.cfg.gen_batch_size)
         for start in range(0, len(todo), step):
             batch = todo[start : start + step]
             texts = self.pool.target.generate(
-                [p.prompt for p in batch], max_new_tokens=tokens, temperature=0.0
+                [p for _, p in batch], max_new_tokens=tokens, temperature=0.0
             )
             self.stats["generated"] += len(batch)
             store.append(
                 [
-                    {"id": p.id, "prompt_hash": text_hash(p.prompt), "completion": t, "gen_fp": gfp}
-                    for p, t in zip(batch, texts, strict=True)
+                    {"id": i, "prompt_hash": text_hash(p), "completion": t, "gen_fp": gfp}
+                    for (i, p), t in zip(batch, texts, strict=True)
                 ]
             )
-            completions.update({p.id: t for p, t in zip(batch, texts, strict=True)})
+            completions.update({i: t for (i, _), t in zip(batch, texts, strict=True)})
             progress.update(len(completions))
-            self.interrupt.tick("xstest", len(batch))
-        # Compliance judge: label 1 = answered (no refusal substring), 0 = refused.
-        return score_xstest(prompts, completions, RefusalJudge(name="refusal_compliance"))
+            self.interrupt.tick(task, len(batch))
+        return completions
+
+    def _utility_labels(
+        self, task: str, items: list[tuple[str, str]], completions: Mapping[str, str]
+    ) -> dict[str, dict[str, Any]]:
+        """The utility judge's label and raw answer per id, cached in
+        OUT/cache/<task>_judgements.jsonl (keyed on the judge's fingerprint and the pair's
+        hash); also writes OUT/<task>.jsonl (prompt, completion, label, raw, judge)."""
+        name = utility_judge_name(self.cfg, task)
+        jfp = utility_judge_fingerprint(self.res, task)
+        store = JsonlStore(self.out / "cache" / f"{task}_judgements.jsonl")
+        cached = store.latest(key=lambda r: (r["id"],), accept=lambda r: r.get("judge_fp") == jfp)
+
+        def pair_hash(i: str, prompt: str) -> str:
+            return text_hash(prompt + "\x00" + completions[i])
+
+        labels = {
+            i: cached[(i,)]
+            for i, p in items
+            if (i,) in cached and cached[(i,)].get("input_hash") == pair_hash(i, p)
+        }
+        todo = [(i, p) for i, p in items if i not in labels]
+        if todo:
+            judge = build_utility_judge(self.res, self.pool, task)
+            progress = Progress(task, name, "completion", len(items), self.stream, len(labels))
+            step = int(self.cfg.utility_judge.batch_size) * 4
+            for start in range(0, len(todo), step):
+                batch = todo[start : start + step]
+                out = judge.classify([p for _, p in batch], [completions[i] for i, _ in batch])
+                new = [
+                    {
+                        "id": i,
+                        "judge": name,
+                        "judge_fp": jfp,
+                        "input_hash": pair_hash(i, p),
+                        "label": j.label,
+                        "raw": j.raw,
+                    }
+                    for (i, p), j in zip(batch, out, strict=True)
+                ]
+                store.append(new)
+                labels.update({r["id"]: r for r in new})
+                self.stats["judged"] += len(batch)
+                progress.update(len(labels))
+                self.interrupt.tick(f"{task} judgements", len(batch))
+        elif items:
+            self.log(f"{task} judge {name}: all {len(items)} judgements cached")
+        write_jsonl_atomic(
+            self.out / f"{task}.jsonl",
+            [
+                {
+                    "id": i,
+                    "prompt": p,
+                    "completion": completions[i],
+                    "label": labels[i]["label"],
+                    "judge_raw": labels[i]["raw"],
+                    "judge": name,
+                }
+                for i, p in items
+            ],
+        )
+        return labels
 
     # -- everything
     def run(self) -> dict[str, Any]:
