@@ -3,10 +3,13 @@
     python -m mixat_jax.evaluate --config configs/eval/<suite>.py --config.model=DIR \
         [--config.adapter=DIR] [--config.behaviors=CSV] [--config.limit=N] \
         [--config.judge=refusal|harmbench|strongreject|keyword --config.judge_model=DIR] \
-        [--config.xstest=CSV] [--config.mc=FILE_or_dataset_id] --workdir OUT
+        [--config.xstest=CSV|xstest_v2] [--config.harmless=TXT|mixat] \
+        [--config.utility_judge.kind=string|model --config.utility_judge.model=DIR] \
+        [--config.mc=FILE_or_dataset_id] --workdir OUT
 
 Suites: `tiny.py` (every attack with tiny budgets, built-in behaviours, helpers = the target),
-`mixat.py` (MixAT: 40 HarmBench behaviours × 7 attacks, HarmBench classifier, 512 tokens),
+`mixat.py` (MixAT: 40 HarmBench behaviours × 7 attacks, HarmBench classifier, 512 tokens;
+XSTest in three classes and HarmLess, judged by `utility_judge.model`),
 `dat.py` (DAT: JBB behaviours, past tense, translation, GCG, PAIR, sampled direct requests,
 StrongREJECT), `xstest.py` (utility only). Outputs and caches are described in
 `mixat_jax.evaluation.pipeline`; a re-run with the same command resumes. Bad input: one line

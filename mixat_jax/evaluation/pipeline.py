@@ -12,7 +12,10 @@ as resumable stages in one work directory:
    sets `gen_temperature`), cached in `OUT/cache/generations.jsonl`;
 4. judgements, cached in `OUT/cache/judgements.jsonl`;
 5. `OUT/completions.jsonl` (behaviour id, attack, test case, completion, judge, label),
-   `OUT/alo_asr.json`, `OUT/report.md`, `OUT/alo_asr.png`, optional `OUT/utility.json`.
+   `OUT/alo_asr.json`, `OUT/report.md`, `OUT/alo_asr.png`, optional `OUT/utility.json`;
+   XSTest / HarmLess (#13): completions cached in `OUT/cache/{xstest,harmless}.jsonl`, the
+   `utility_judge`'s labels in `OUT/cache/{xstest,harmless}_judgements.jsonl`, per-prompt rows
+   in `OUT/xstest.jsonl` / `OUT/harmless.jsonl`.
 
 Every check of user input (files, attack blocks, judge model, helper models) runs in `resolve`
 (`run_config.py`) before any model is loaded or any attack runs; `Evaluation` (`stages.py`) runs
