@@ -34,7 +34,18 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # 4 robustness evaluation
     ("evaluation",),
     # 5 demo and entry points
-    ("demo", "train", "attack", "evaluate", "generate", "inpaint", "dat_sample", "convert", ""),
+    (
+        "demo",
+        "train",
+        "attack",
+        "evaluate",
+        "generate",
+        "inpaint",
+        "dat_sample",
+        "convert",
+        "lm_eval",
+        "",
+    ),
 )
 
 
