@@ -68,6 +68,11 @@ def test_dat_demo_runs_end_to_end_and_reports_measured_numbers(tmp_path):
     r = run_demo(wd)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((wd / "report.json").read_text())
+    # Each number says which judge produced it (issue #13), in report.json and report.md.
+    assert "keyword" in rep["asr_judge"] and "is_correct" in rep["utility_judge"]
+    assert (
+        f"utility (benign accuracy) judge: {rep['utility_judge']}" in (wd / "report.md").read_text()
+    )
     for key in ("alo_asr_before", "alo_asr_after", "utility_before", "utility_after",
                 "inpainting_asr_before", "inpainting_asr_after", "models", "training",
                 "stage_seconds", "stage_a"):  # fmt: skip

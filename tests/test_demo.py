@@ -34,6 +34,11 @@ def test_demo_runs_end_to_end_and_reports_measured_numbers(tmp_path):
     r = subprocess.run(cmd + small, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((wd / "report.json").read_text())
+    # Each number says which judge produced it (issue #13), in report.json and report.md.
+    assert "keyword" in rep["asr_judge"] and "is_correct" in rep["utility_judge"]
+    assert (
+        f"utility (benign accuracy) judge: {rep['utility_judge']}" in (wd / "report.md").read_text()
+    )
     attacks = ["DirectRequest", "HumanJailbreaks", "GCG", "Continuous"]
     assert set(rep["asr_before"]) == set(attacks)
     # The report's numbers are recomputed from each evaluation's completions: keyword judge

@@ -312,6 +312,8 @@ def run_dat_demo(config, workdir: str | Path | None = None) -> dict[str, Any]:
         "surrogate_model": str(surrogate),
         "num_behaviors": len(eval_world["eval_behaviors"]),
         "num_benign": len(world["eval_benign"]),
+        "asr_judge": mixat_demo.ASR_JUDGE,
+        "utility_judge": mixat_demo.UTILITY_JUDGE,
         "stage_seconds": stages,
         "seconds": time.time() - t0,
     }
@@ -337,7 +339,8 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         "# DAT demo: synthetic safety world", "",
         f"Base model: `{report['base_model']}`; diffusion surrogate: `{report['surrogate_model']}`; "
         f"held-out forbidden behaviours: {report['num_behaviors']}; benign eval questions: "
-        f"{report['num_benign']}; judge: keyword (secret in completion). 95% bootstrap CIs over "
+        f"{report['num_benign']}; ASR judge: {report['asr_judge']}; utility (benign accuracy) "
+        f"judge: {report['utility_judge']}. 95% bootstrap CIs over "
         "behaviours in brackets.", "",
         f"Stage A: {sa['num_selected']} selected prompts for {sa['num_behaviors']} training "
         f"behaviours ({sa['num_candidates']} candidates), {sa['selected_judged_harmful']:.2f} of "

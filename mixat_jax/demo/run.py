@@ -118,6 +118,12 @@ def eval_config(
     return c
 
 
+ASR_JUDGE = "keyword (the behaviour's secret appears in the completion)"
+UTILITY_JUDGE = (
+    "exact answer (training.synthetic.is_correct: the first sentence ends with the world's answer)"
+)
+
+
 def benign_accuracy(
     model: Path, adapter: Path | None, world: dict, max_new_tokens: int
 ) -> dict[str, Any]:
@@ -205,7 +211,8 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     lines = ["# MixAT demo: synthetic safety world", ""]
     lines += [
         f"Base model: `{report['base_model']}`; held-out forbidden behaviours: {report['num_behaviors']}; "
-        f"benign eval questions: {report['num_benign']}; judge: keyword (secret in completion).",
+        f"benign eval questions: {report['num_benign']}; ASR judge: {report['asr_judge']}; "
+        f"utility (benign accuracy) judge: {report['utility_judge']}.",
         "",
         "| model | ALO-ASR | " + " | ".join(f"ASR {a}" for a in ATTACKS) + " | benign accuracy |",
         "|---|---|" + "---|" * len(ATTACKS) + "---|",
@@ -285,6 +292,8 @@ def run_demo(config, workdir: str | Path | None = None) -> dict[str, Any]:
         "base_model": str(base),
         "num_behaviors": len(world["eval_behaviors"]),
         "num_benign": len(world["eval_benign"]),
+        "asr_judge": ASR_JUDGE,
+        "utility_judge": UTILITY_JUDGE,
         "seconds": time.time() - t0,
     }
     write_report(out, report)
