@@ -5,6 +5,7 @@
         [--config.judge=refusal|harmbench|strongreject|keyword --config.judge_model=DIR] \
         [--config.xstest=CSV|xstest_v2] [--config.harmless=TXT|mixat] \
         [--config.utility_judge.kind=string|model --config.utility_judge.model=DIR] \
+        [--config.lm_eval.tasks=arc_easy,arc_challenge,mmlu [--config.lm_eval.include_path=DIR]] \
         [--config.mc=FILE_or_dataset_id] --workdir OUT
 
 Suites: `tiny.py` (every attack with tiny budgets, built-in behaviours, helpers = the target),

@@ -74,20 +74,12 @@ def main(argv) -> int:
     tasks = check_flags()
     import_harness()
     # lazy: jax, the model and the harness load only once flags are valid and lm-eval is present
-    from lm_eval import evaluator, utils
-    from lm_eval.tasks import TaskManager
+    from lm_eval import utils
 
-    from mixat_jax.evaluation.harness import MixatLM  # lazy: needs the optional lm-eval
+    # lazy: needs the optional lm-eval
+    from mixat_jax.evaluation.harness import MixatLM, evaluate_tasks, task_manager
 
-    manager = None
-    if FLAGS.include_path:  # indexing the harness's own task YAMLs takes ~20 s; skip if unneeded
-        manager = TaskManager(include_path=FLAGS.include_path, include_defaults=False)
-        if any(not manager.match_tasks([t]) for t in tasks):
-            manager = None
-    manager = manager or TaskManager(include_path=FLAGS.include_path or None)
-    unknown = [t for t in tasks if not manager.match_tasks([t])]
-    if unknown:
-        raise ValueError(f"unknown harness task(s) {unknown}; check --tasks / --include_path")
+    manager = task_manager(tasks, FLAGS.include_path)
     lm = MixatLM(
         pretrained=FLAGS.model,
         adapter=FLAGS.adapter,
@@ -95,17 +87,10 @@ def main(argv) -> int:
         batch_size=FLAGS.batch_size,
         max_length=FLAGS.max_length,
     )
-    results = evaluator.simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=FLAGS.num_fewshot,
-        limit=FLAGS.limit,
-        task_manager=manager,
-        log_samples=False,
-        random_seed=FLAGS.seed,
-        numpy_random_seed=FLAGS.seed,
-        fewshot_random_seed=FLAGS.seed,
-    )
+    results = evaluate_tasks(
+        lm, tasks, manager=manager, num_fewshot=FLAGS.num_fewshot, limit=FLAGS.limit,
+        seed=FLAGS.seed,
+    )  # fmt: skip
     results["config"]["model"] = "mixat_jax"
     results["config"]["model_args"] = {"model": FLAGS.model, "adapter": FLAGS.adapter}
     table = utils.make_table(results)

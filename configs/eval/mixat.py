@@ -27,6 +27,9 @@ tokens, no system prompt), both judged by a local chat model with the reference 
 (`--config.utility_judge.model=DIR`; the reference used Meta-Llama-3-8B-Instruct for HarmLess and
 GPT-4 for XSTest, 16 / 4 judge tokens). Without a judge model:
 `--config.utility_judge.kind=string` (refusal substrings; no partial-refusal class).
+ARC-Easy, ARC-Challenge and MMLU (spec §8.2, dat.md §4.4: lm-evaluation-harness, default 0-shot
+task configs, accuracy) run on the target + adapter through the harness (`config.lm_eval`;
+needs `pip install 'lm-eval>=0.4.9'` and the hub datasets, or `--config.lm_eval.tasks=''`).
 """
 
 from mixat_jax.evaluation.run_config import base_config
@@ -44,6 +47,8 @@ def get_config():
     c.harmless = "mixat"
     c.harmless_max_new_tokens = 1000
     c.utility_judge.kind = "model"
+    c.lm_eval.tasks = "arc_easy,arc_challenge,mmlu"
+    c.lm_eval.num_fewshot = 0
     a = c.attack
     a.PAP.update({"num_techniques": 10, "max_new_tokens": 2048, "top_k": 50, "top_p": 0.7})
     a.TAP.update({"depth": 3, "width": 3, "branching_factor": 4})

@@ -12,6 +12,9 @@ not reuse the previous adapter's completions).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib.metadata
+from pathlib import Path
 from typing import Any
 
 from mixat_jax.evaluation.cache import fingerprint
@@ -19,6 +22,7 @@ from mixat_jax.evaluation.run_config import (
     MODEL_JUDGES,
     TARGET_ALIAS,
     Resolved,
+    lm_eval_tasks,
     utility_judge_name,
 )
 from mixat_jax.evaluation.suite import AttackPlan
@@ -130,3 +134,35 @@ def utility_judge_fingerprint(res: Resolved, task: str) -> str:
         payload["prompt"] = [prompt.system, prompt.user]
         payload["model"] = model_id(res, str(uj.model))
     return fingerprint(payload)
+
+
+def _tree_digest(root: str) -> str:
+    """SHA-256 over (relative path, bytes) of every non-hidden file under `root` (task YAMLs
+    and the local data they read)."""
+    h = hashlib.sha256()
+    base = Path(root)
+    for f in sorted(p for p in base.rglob("*") if p.is_file()):
+        rel = f.relative_to(base).as_posix()
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        h.update(rel.encode() + b"\x00" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def lm_eval_fingerprint(res: Resolved) -> str:
+    """Identity of OUT/lm_eval.json (#13): the target + adapter content and dtype, the task
+    settings (names, shots, limit, max length, seed), the content of `include_path` and the
+    lm-eval version (batch size excluded: it does not change the scores)."""
+    b = res.cfg.lm_eval
+    return fingerprint(
+        {
+            "target": model_id(res, TARGET_ALIAS),
+            "tasks": lm_eval_tasks(res.cfg),
+            "num_fewshot": int(b.num_fewshot),
+            "limit": int(b.limit),
+            "max_length": int(b.max_length),
+            "seed": int(b.seed),
+            "include_path": _tree_digest(str(b.include_path)) if b.include_path else "",
+            "lm_eval": importlib.metadata.version("lm_eval"),
+        }
+    )

@@ -28,9 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from lm_eval import evaluator
 from lm_eval import utils as harness_utils
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+from lm_eval.tasks import TaskManager
 from tqdm import tqdm
 
 from mixat_jax.models.decoder import Decoder
@@ -50,6 +52,46 @@ def continuation_scores(
     return (
         jnp.sum(jnp.where(tmask_BxT, tok_BxT, 0.0), axis=-1),
         jnp.all(greedy_BxT | ~tmask_BxT, axis=-1),
+    )
+
+
+def task_manager(tasks: Sequence[str], include_path: str | None) -> Any:
+    """The harness's TaskManager for `tasks`: `include_path` alone when it has every task
+    (indexing the harness's own YAMLs takes ~20 s), else with the defaults; a one-line
+    ValueError naming unknown tasks."""
+    manager = None
+    if include_path:
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+        if any(not manager.match_tasks([t]) for t in tasks):
+            manager = None
+    manager = manager or TaskManager(include_path=include_path or None)
+    unknown = [t for t in tasks if not manager.match_tasks([t])]
+    if unknown:
+        raise ValueError(f"unknown harness task(s) {unknown}; check the task names / include_path")
+    return manager
+
+
+def evaluate_tasks(
+    lm: LM,
+    tasks: Sequence[str],
+    *,
+    manager: Any,
+    num_fewshot: int = 0,
+    limit: int | None = None,
+    seed: int = 1234,
+) -> dict[str, Any]:
+    """The harness's results dict of `tasks` on `lm` (the one call `python -m mixat_jax.lm_eval`
+    and the evaluation pipeline's lm-eval stage share)."""
+    return evaluator.simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        log_samples=False,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        fewshot_random_seed=seed,
     )
 
 

@@ -14,7 +14,12 @@ from typing import Any
 from mixat_jax.evaluation.alo_asr import compute_alo_asr
 from mixat_jax.evaluation.cache import write_json_atomic, write_jsonl_atomic
 from mixat_jax.evaluation.fingerprints import attack_fingerprint, model_fingerprints
-from mixat_jax.evaluation.report import compliance_lines, model_lines, write_report
+from mixat_jax.evaluation.report import (
+    compliance_lines,
+    harness_lines,
+    model_lines,
+    write_report,
+)
 from mixat_jax.evaluation.run_config import Resolved
 
 # (attack, behaviour id, test-case index) -> record
@@ -127,8 +132,9 @@ def write_utility_report(
 ) -> Path:
     """report.md for a utility-only run (no attacks)."""
     lines = [f"# {title}", "", "## Utility", ""] + compliance_lines(utility)
+    lines += harness_lines(utility)
     lines += ["| metric | value |", "|---|---|"]
-    for k, v in _flat("", utility):
+    for k, v in _flat("", {k: v for k, v in utility.items() if k != "lm_eval"}):
         lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
     if models:
         lines += [""] + model_lines(models)

@@ -15,7 +15,9 @@ as resumable stages in one work directory:
    `OUT/alo_asr.json`, `OUT/report.md`, `OUT/alo_asr.png`, optional `OUT/utility.json`;
    XSTest / HarmLess (#13): completions cached in `OUT/cache/{xstest,harmless}.jsonl`, the
    `utility_judge`'s labels in `OUT/cache/{xstest,harmless}_judgements.jsonl`, per-prompt rows
-   in `OUT/xstest.jsonl` / `OUT/harmless.jsonl`.
+   in `OUT/xstest.jsonl` / `OUT/harmless.jsonl`; lm-evaluation-harness tasks (`config.lm_eval`,
+   #13, `harness_stage.py`) in `OUT/lm_eval.json`, keyed on the target's content and the task
+   settings (an unchanged re-run runs nothing).
 
 Every check of user input (files, attack blocks, judge model, helper models) runs in `resolve`
 (`run_config.py`) before any model is loaded or any attack runs; `Evaluation` (`stages.py`) runs

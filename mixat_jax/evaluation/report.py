@@ -88,10 +88,34 @@ def compliance_lines(utility: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def harness_lines(utility: Mapping[str, Any]) -> list[str]:
+    """The "Utility (lm-evaluation-harness <version>)" table (task, metric, value ± stderr,
+    n-shot) and the judge line (issue #13); empty when the harness stage did not run."""
+    h = utility.get("lm_eval")
+    if not isinstance(h, Mapping) or "rows" not in h:
+        return []
+    others = [
+        f"{name}: `{utility[k]['judge']}`"
+        for k, name in (("xstest", "XSTest"), ("harmless", "HarmLess"))
+        if isinstance(utility.get(k), Mapping) and "judge" in utility[k]
+    ]
+    judge = f"- judge: {h['judge']}"
+    if others:
+        judge += f" (not the XSTest / HarmLess judges: {'; '.join(others)})"
+    lines = [f"### Utility (lm-evaluation-harness {h['version']})", "", judge]
+    lines += [f"- harness results: `{h['file']}`", ""]
+    lines += ["| task | metric | value | ± stderr | n-shot |", "|---|---|---|---|---|"]
+    for r in h["rows"]:
+        value = "n/a" if r["value"] is None else f"{r['value']:.4f}"
+        err = "n/a" if r["stderr"] is None else f"{r['stderr']:.4f}"
+        lines.append(f"| {r['task']} | {r['metric']} | {value} | {err} | {r['n_shot']} |")
+    return lines + [""]
+
+
 def _utility_lines(utility: Mapping[str, Any]) -> list[str]:
     rows: list[tuple[str, Any]] = []
-    _flatten("", utility, rows)
-    lines = ["## Utility", ""] + compliance_lines(utility)
+    _flatten("", {k: v for k, v in utility.items() if k != "lm_eval"}, rows)  # table above
+    lines = ["## Utility", ""] + compliance_lines(utility) + harness_lines(utility)
     lines += ["| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_scalar(v)} |" for k, v in rows]
     return lines + [""]

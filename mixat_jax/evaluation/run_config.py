@@ -8,6 +8,7 @@ Also the built-in behaviours and the names of the judges. Nothing here runs an e
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -118,6 +119,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.utility_judge = ml_collections.ConfigDict(
         {"kind": "string", "model": "", "batch_size": 16, "max_new_tokens": 0}
     )  # model: DIR or '@target'; max_new_tokens 0 = the reference's (XSTest 16, HarmLess 4)
+    # lm-evaluation-harness tasks on the target + adapter (#13; evaluation/harness_stage.py):
+    # tasks '' = off, e.g. 'arc_easy,arc_challenge,mmlu'; limit 0 = all documents; include_path
+    # '' or a directory of extra task YAMLs. Needs the optional lm-eval package.
+    c.lm_eval = ml_collections.ConfigDict(
+        {
+            "tasks": "",
+            "num_fewshot": 0,
+            "limit": 0,
+            "batch_size": 8,
+            "max_length": 2048,
+            "include_path": "",
+            "seed": 1234,
+        }
+    )
     c.mc = ""  # multiple-choice file or datasets id
     c.mc_config = ""
     c.mc_split = "test"
@@ -270,6 +285,38 @@ def _check_utility(cfg: ml_collections.ConfigDict) -> None:
             _check_model_dir(str(uj.model), "utility judge model")
 
 
+LM_EVAL_INSTALL = "pip install 'lm-eval>=0.4.9'"
+
+
+def lm_eval_tasks(cfg: ml_collections.ConfigDict) -> list[str]:
+    """The harness task names of `config.lm_eval.tasks` (empty = the stage is off)."""
+    block = cfg.get("lm_eval")
+    return [t.strip() for t in str(block.tasks if block else "").split(",") if t.strip()]
+
+
+def _check_lm_eval(cfg: ml_collections.ConfigDict) -> None:
+    """`config.lm_eval` (#13): numbers in range, include_path a directory, lm-eval installed."""
+    if not lm_eval_tasks(cfg):
+        return
+    b = cfg.lm_eval
+    for name, low in (("num_fewshot", 0), ("limit", 0), ("batch_size", 1), ("max_length", 2)):
+        if int(b[name]) < low:
+            raise ValueError(f"config.lm_eval.{name} must be >= {low}, got {b[name]}")
+    if b.include_path and not Path(str(b.include_path)).is_dir():
+        raise ValueError(
+            f"config.lm_eval.include_path {b.include_path!r} is not a directory (of task YAMLs)"
+        )
+    try:
+        found = importlib.util.find_spec("lm_eval") is not None
+    except (ImportError, ValueError):  # a blocked or broken module
+        found = False
+    if not found:
+        raise ValueError(
+            f"config.lm_eval.tasks={b.tasks!r} needs the lm-eval package; {LM_EVAL_INSTALL} "
+            "(or --config.lm_eval.tasks='' to skip it)"
+        )
+
+
 def _check_diffusion_model(cfg: ml_collections.ConfigDict, attack: str) -> None:
     """`config.diffusion_model` is a masked-diffusion checkpoint (its config.json is read)."""
     path = str(cfg.diffusion_model)
@@ -300,12 +347,13 @@ def resolve(cfg: ml_collections.ConfigDict, workdir: str | Path) -> Resolved:
             raise ValueError(f"config.{name} must be >= 1, got {cfg[name]}")
     _check_judge(cfg)
     names = parse_attack_names(cfg.attacks)
-    if not names and not cfg.xstest and not cfg.harmless and not cfg.mc:
+    if not names and not cfg.xstest and not cfg.harmless and not cfg.mc and not lm_eval_tasks(cfg):
         raise ValueError(
-            "nothing to evaluate: set --config.attacks, --config.xstest, --config.harmless or "
-            "--config.mc"
+            "nothing to evaluate: set --config.attacks, --config.xstest, --config.harmless, "
+            "--config.lm_eval.tasks or --config.mc"
         )
     _check_utility(cfg)
+    _check_lm_eval(cfg)
     blocks = cfg.attack.to_dict() if "attack" in cfg else {}
     plans = []
     for n in names:

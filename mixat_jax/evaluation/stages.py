@@ -29,10 +29,11 @@ from mixat_jax.evaluation.fingerprints import (
     utility_judge_fingerprint,
     xstest_fingerprint,
 )
+from mixat_jax.evaluation.harness_stage import run_harness_stage
 from mixat_jax.evaluation.models import ModelPool, build_judge, build_utility_judge
 from mixat_jax.evaluation.outputs import final_records, run_manifest, write_outputs
 from mixat_jax.evaluation.progress import ENV_INTERRUPT, InterruptHook, Progress
-from mixat_jax.evaluation.run_config import Resolved, utility_judge_name
+from mixat_jax.evaluation.run_config import Resolved, lm_eval_tasks, utility_judge_name
 from mixat_jax.evaluation.suite import AttackPlan, as_test_cases, build_attack
 from mixat_jax.evaluation.utility import (
     HARMLESS_BUILTIN,
@@ -292,12 +293,15 @@ class Evaluation:
 
     # -- utility
     def utility(self) -> dict[str, Any]:
-        """XSTest classes, HarmLess answered rate, multiple-choice accuracy (those configured)."""
+        """XSTest classes, HarmLess answered rate, lm-evaluation-harness tasks, multiple-choice
+        accuracy (those configured)."""
         out: dict[str, Any] = {}
         if self.cfg.xstest:
             out["xstest"] = self._xstest()
         if self.cfg.harmless:
             out["harmless"] = self._harmless()
+        if lm_eval_tasks(self.cfg):
+            out["lm_eval"] = run_harness_stage(self.res, self.pool, self.log)
         if self.cfg.mc:
             c = self.cfg
             items = load_multiple_choice(
