@@ -11,44 +11,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import pytest
 
 pytest.importorskip("lm_eval")
 
-from tests.test_lm_eval import QUESTIONS, TASK_YAML, independent_acc  # noqa: E402
+from tests.test_lm_eval import independent_acc, tiny_model_adapter_and_task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from mixat_jax.hf.export import save_adapter
-    from mixat_jax.hf.load import load_pretrained
-    from mixat_jax.lora import LoraConfig
-    from mixat_jax.tiny_model import build_tiny_checkpoint
-    from mixat_jax.tokenizer_build import default_corpus
-
-    root = tmp_path_factory.mktemp("harness_stage")
-    base = build_tiny_checkpoint(
-        root / "model", vocab_size=512, hidden_size=32, num_layers=1, corpus=default_corpus(20_000)
-    )
-    model, _ = load_pretrained(base)
-    model.add_lora(LoraConfig.make(r=2, alpha=16, dropout=0.0, targets="all-linear"), seed=5)
-    for i, lin in enumerate(model.layers.linears().values()):
-        key = jax.random.fold_in(jax.random.key(5), i)
-        lin.lora_b.set_value(jax.random.normal(key, lin.lora_b.shape) * 2.0)
-    adapter = save_adapter(model, root / "adapter", base_model=str(base))
-    tasks = root / "tasks"
-    tasks.mkdir()
-    data = tasks / "tiny_mc.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({"question": q, "choices": c, "label": y}) + "\n" for q, c, y in QUESTIONS
-        )
-    )
-    (tasks / "tiny_mc.yaml").write_text(TASK_YAML.format(data=data))
-    return base, adapter, tasks
+    return tiny_model_adapter_and_task(tmp_path_factory.mktemp("harness_stage"), seed=5)
 
 
 def config(base, adapter, tasks, attacks="", **lm_eval):

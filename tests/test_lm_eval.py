@@ -46,22 +46,22 @@ metric_list:
 """
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def tiny_model_adapter_and_task(root: Path, seed: int) -> tuple[Path, Path, Path]:
+    """A tiny checkpoint, a LoRA adapter that visibly changes it, and the local `tiny_mc` task
+    (directory of the YAML + JSONL) under ``root``."""
     from mixat_jax.hf.export import save_adapter
     from mixat_jax.hf.load import load_pretrained
     from mixat_jax.lora import LoraConfig
     from mixat_jax.tiny_model import build_tiny_checkpoint
     from mixat_jax.tokenizer_build import default_corpus
 
-    root = tmp_path_factory.mktemp("lm_eval")
     base = build_tiny_checkpoint(
         root / "model", vocab_size=512, hidden_size=32, num_layers=1, corpus=default_corpus(20_000)
     )
     model, _ = load_pretrained(base)
-    model.add_lora(LoraConfig.make(r=2, alpha=16, dropout=0.0, targets="all-linear"), seed=3)
+    model.add_lora(LoraConfig.make(r=2, alpha=16, dropout=0.0, targets="all-linear"), seed=seed)
     for i, lin in enumerate(model.layers.linears().values()):
-        key = jax.random.fold_in(jax.random.key(3), i)
+        key = jax.random.fold_in(jax.random.key(seed), i)
         lin.lora_b.set_value(jax.random.normal(key, lin.lora_b.shape) * 2.0)
     adapter = save_adapter(model, root / "adapter", base_model=str(base))
     tasks = root / "tasks"
@@ -74,6 +74,11 @@ def setup(tmp_path_factory):
     )
     (tasks / "tiny_mc.yaml").write_text(TASK_YAML.format(data=data))
     return base, adapter, tasks
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return tiny_model_adapter_and_task(tmp_path_factory.mktemp("lm_eval"), seed=3)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
