@@ -5,7 +5,6 @@ refusal-substring fallback; the reference data ship as package data."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from importlib import resources
 from pathlib import Path
@@ -31,24 +30,11 @@ from mixat_jax.judges.compliance import (
     parse_harmless_answer,
     parse_xstest_class,
 )
+from tests.test_evaluate import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 DATA = Path(str(resources.files("mixat_jax.evaluation").joinpath("data")))
-
-
-def load_config(path: Path, **overrides):
-    spec = importlib.util.spec_from_file_location(f"evalcfg_{path.stem}_u", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config()
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
 
 
 @pytest.mark.parametrize(
