@@ -28,8 +28,10 @@ RULES = (  # differs from mesh.DEFAULT_RULES on every axis the tiny model shards
 )
 
 
-def _rows(rng, n, length, prompt_lens, target_lens):
-    ids = rng.integers(1, V, (n, length)).astype(np.int32)
+def rows(rng, n, length, prompt_lens, target_lens, vocab=V):
+    """Random token rows with their (valid, prompt, target) masks; pad id 0 past each row's end
+    (also used by tests/test_steps.py)."""
+    ids = rng.integers(1, vocab, (n, length)).astype(np.int32)
     pos = np.arange(length)[None]
     mask = pos < (prompt_lens + target_lens)[:, None]
     prompt = pos < prompt_lens[:, None]
@@ -42,13 +44,13 @@ def make_batch(shards: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     a, u = SHARD_ADV * shards, SHARD_UTIL * shards
     plen = rng.integers(4, 8, a)
-    away = _rows(rng, a, LA, plen, rng.integers(3, 6, a))
-    toward = _rows(rng, a, LA, plen, rng.integers(2, 5, a))
+    away = rows(rng, a, LA, plen, rng.integers(3, 6, a))
+    toward = rows(rng, a, LA, plen, rng.integers(2, 5, a))
     toward[0][toward[2]] = away[0][away[2]]
     out = {}
     for name, x, y in zip(("ids", "mask", "prompt_mask", "target_mask"), away, toward, strict=True):
         out[f"away_{name}_AxL"], out[f"toward_{name}_AxL"] = x, y
-    util = _rows(rng, u, LU, rng.integers(3, 6, u), rng.integers(3, 6, u))
+    util = rows(rng, u, LU, rng.integers(3, 6, u), rng.integers(3, 6, u))
     out.update(util_ids_UxM=util[0], util_mask_UxM=util[1], util_target_mask_UxM=util[3])
     out.update(adv_valid_A=np.ones(a, bool), util_valid_U=np.ones(u, bool))
     return {k: v[None] for k, v in out.items()}

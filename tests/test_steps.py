@@ -27,6 +27,7 @@ from mixat_jax.training import train_step as train_step_lib  # noqa: E402
 from mixat_jax.training.optim import OptimConfig, lr_schedule, make_optimizer  # noqa: E402
 from mixat_jax.training.state import init_train_state, place_train_state  # noqa: E402
 from mixat_jax.training.step_config import StepConfig  # noqa: E402
+from tests.data_parallel_case import rows  # noqa: E402
 
 A, U, LA, LU, V = 4, 4, 20, 16, 512
 CFG = StepConfig(attack=ContinuousAttackConfig(iters=2, lr=1e-3))  # dropout on everywhere
@@ -36,15 +37,6 @@ FAST = {"xla_backend_optimization_level": 0}  # halves XLA:CPU compile time; sam
 def _run(fn, *args):
     """Lower + compile with FAST options, then call (fn is jax.jit(...) or jax.pmap(...))."""
     return fn.lower(*args).compile(FAST)(*args)
-
-
-def _rows(rng, n, length, prompt_lens, target_lens):
-    ids = rng.integers(1, V, (n, length)).astype(np.int32)
-    pos = np.arange(length)[None]
-    mask = pos < (prompt_lens + target_lens)[:, None]
-    prompt = pos < prompt_lens[:, None]
-    ids[~mask] = 0
-    return ids, mask, prompt, mask & ~prompt
 
 
 def make_batch(seed: int, g: int) -> dict[str, np.ndarray]:
@@ -58,15 +50,15 @@ def make_batch(seed: int, g: int) -> dict[str, np.ndarray]:
 
     for i in range(g):
         plen = rng.integers(5, 10, A)
-        away = _rows(rng, A, LA, plen, rng.integers(3, 8, A))
-        toward = _rows(rng, A, LA, plen, rng.integers(2, 5, A))
+        away = rows(rng, A, LA, plen, rng.integers(3, 8, A), V)
+        toward = rows(rng, A, LA, plen, rng.integers(2, 5, A), V)
         toward[0][toward[2]] = away[0][away[2]]
         names = ("ids", "mask", "prompt_mask", "target_mask")
         for name, a, t in zip(names, away, toward, strict=True):
             add(f"away_{name}_AxL", a)
             add(f"toward_{name}_AxL", t)
         add("adv_valid_A", np.array([i == 0, i == 0, False, i == 0]))
-        util = _rows(rng, U, LU, rng.integers(3, 7, U), rng.integers(4, 9, U))
+        util = rows(rng, U, LU, rng.integers(3, 7, U), rng.integers(4, 9, U), V)
         add("util_ids_UxM", util[0])
         add("util_mask_UxM", util[1])
         add("util_target_mask_UxM", util[3])
