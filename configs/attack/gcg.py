@@ -15,6 +15,10 @@ Every behaviour of a HarmBench file (results.jsonl, resumable):
         --config.targets=harmbench_targets_text.json [--config.limit=N] --workdir out/gcg_val
 
 Put ``{optim_str}`` inside the behaviour text to place the adversarial string yourself.
+
+Probe sampling (issue #14; off by default): ``--config.probe_draft=DIR`` (a draft model that
+shares the target's tokenizer) or ``@target`` with ``--config.probe_draft_layers=N`` (the
+target's first N layers); ``--config.probe_r=8 --config.probe_sampling_factor=16`` as nanoGCG.
 """
 
 import dataclasses

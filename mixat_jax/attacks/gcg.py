@@ -17,6 +17,9 @@ One GCG step is one compiled call (``gcg_step``), vmapped over behaviours (not f
      shares (``lax.switch`` over one branch per level);
   4. duplicates masked to +inf, the top-M candidates by loss returned with their early-stop flags
      (every target token argmax-correct: the target logit equals the row maximum).
+  With probe sampling (``StepSpec.probe_size``; ``probe_candidate_losses``, issue #14) step 3
+  scores every candidate with a draft model that shares the tokenizer, the target only a random
+  probe set and the draft's f best (f from the Spearman agreement; ``gcg_probe``); the rest +inf.
 Several behaviours share one compiled step (``batched_gcg_step``; prefix and rest padded to
 common, bucketed lengths by ``host_arrays`` so repeated calls — e.g. MixAT training — reuse it);
 ``compile_cached`` keeps the AOT executables. Everything here is pure and config-independent: the
@@ -39,6 +42,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from mixat_jax.attacks.gcg_probe import filtered_size, spearman
+
 __all__ = [
     "HostArrays",
     "Layout",
@@ -54,6 +59,7 @@ __all__ = [
     "gcg_step",
     "host_arrays",
     "prefix_cache",
+    "probe_candidate_losses",
     "rest_logits",
     "reuse_levels",
     "round_up",
@@ -98,6 +104,14 @@ class StepSpec:
     # static prefix lengths a sorted chunk may skip; None = off. Needs one behaviour per call
     # (under vmap a batched ``lax.switch`` would run every branch).
     levels: tuple[int, ...] | None = None
+    # Probe sampling (``probe_candidate_losses``; ``gcg_probe``): probe set size P (0 = off),
+    # nanoGCG's r, and the static filtered-set sizes (one size: a mask over the largest, F;
+    # several: ``lax.switch`` to the smallest that holds f). Sizes are multiples of the data
+    # devices when sharded (``probe_pad`` likewise for P).
+    probe_size: int = 0
+    probe_r: float = 8.0
+    filter_sizes: tuple[int, ...] = ()
+    probe_pad: int = 0
 
     @property
     def padded_width(self) -> int:
@@ -481,6 +495,88 @@ def sorted_candidate_losses(
     )
 
 
+def _all_losses(graphdef, params, cache, ids_S, cand, layout, spec: StepSpec, mm: dict):
+    """(loss, hit) [padded width] of every candidate under ``graphdef``/``params`` with the
+    spec's evaluation path (bucketed / sorted suffix-prefix reuse, or plain chunks)."""
+    if spec.buckets is not None and spec.spread:
+        loss_w, hit_w = bucketed_candidate_losses(
+            graphdef, params, cache, ids_S, cand, layout, order=spec.order,
+            buckets=spec.buckets, data_axes=spec.data_axes, **mm,
+        )  # fmt: skip
+        pad = spec.padded_width - spec.width  # padding rows are masked below; never evaluated
+        loss = jnp.concatenate([loss_w, jnp.full((pad,), jnp.inf, loss_w.dtype)])
+        hit = jnp.concatenate([hit_w, jnp.zeros((pad,), bool)])
+        return loss, hit
+    if spec.levels is not None:  # set only for random positions (``gcg_driver.step_spec``)
+        return sorted_candidate_losses(
+            graphdef, params, cache, ids_S, cand, layout, chunk=spec.chunk, levels=spec.levels,
+            data_axes=spec.data_axes, **mm,
+        )  # fmt: skip
+    return candidate_losses(
+        graphdef, params, cache, cand, layout, chunk=spec.chunk, data_axes=spec.data_axes, **mm
+    )
+
+
+def probe_candidate_losses(
+    graphdef: nnx.GraphDef,
+    params: Sequence[nnx.State],
+    cache: Cache,
+    draft: tuple,
+    ids_S: jax.Array,
+    cand_WxS: jax.Array,
+    invalid_W: jax.Array,
+    layout: Layout,
+    key: jax.Array,
+    *,
+    spec: StepSpec,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Probe sampling (``gcg_probe``; nanoGCG 0.3.0): (loss [W], hit [W], rho, f). The draft
+    (``(graphdef, params, cache)``, same token layout) scores all W candidates; the target scores
+    a random probe set of ``spec.probe_size`` real candidates and the draft's f best valid ones
+    (f from the Spearman agreement on the probe set); unscored candidates get +inf.
+    ``invalid_W`` (duplicates, padding) never enters the filtered set."""
+    mm = dict(use_mellowmax=spec.use_mellowmax, alpha=spec.mellowmax_alpha)
+    d_graphdef, d_params, d_cache = draft
+    w = spec.padded_width
+    d_loss, _ = _all_losses(d_graphdef, d_params, d_cache, ids_S, cand_WxS, layout, spec, mm)
+    n_p, n_pad = spec.probe_size, max(spec.probe_pad, spec.probe_size)
+    perm = jax.random.permutation(jax.random.fold_in(key, 0x9E0B), spec.width)
+    probe_idx = jnp.concatenate([perm[:n_p], jnp.full((n_pad - n_p,), perm[0])])
+
+    def target(idx):
+        return candidate_losses(
+            graphdef, params, cache, cand_WxS[idx], layout, chunk=idx.shape[0],
+            data_axes=spec.data_axes, **mm,
+        )  # fmt: skip
+
+    p_loss, p_hit = target(probe_idx)
+    rho = spearman(p_loss[:n_p], d_loss[probe_idx[:n_p]])
+    f = filtered_size(rho, spec.width, spec.probe_r)
+    f_max = spec.filter_sizes[-1]
+    _, filt_idx = jax.lax.top_k(-jnp.where(invalid_W, jnp.inf, d_loss), f_max)
+    if len(spec.filter_sizes) == 1:  # mask over the largest set
+        f_loss, f_hit = target(filt_idx)
+    else:  # the smallest compiled size that holds f (padded to f_max with +inf)
+
+        def branch(n):
+            def run(idx):
+                loss, hit = target(idx[:n])
+                pad = f_max - n
+                return (jnp.concatenate([loss, jnp.full((pad,), jnp.inf, loss.dtype)]),
+                        jnp.concatenate([hit, jnp.zeros((pad,), bool)]))  # fmt: skip
+
+            return run
+
+        sizes = jnp.asarray(spec.filter_sizes)
+        which = jnp.sum(sizes < f)
+        f_loss, f_hit = jax.lax.switch(which, [branch(n) for n in spec.filter_sizes], filt_idx)
+    keep = jnp.arange(f_max) < f
+    loss = jnp.full((w,), jnp.inf, p_loss.dtype).at[probe_idx].min(p_loss)
+    loss = loss.at[filt_idx].min(jnp.where(keep, f_loss, jnp.inf))
+    hit = jnp.zeros((w,), bool).at[probe_idx].max(p_hit).at[filt_idx].max(keep & f_hit)
+    return loss, hit, rho, f
+
+
 def gcg_step(
     graphdef: nnx.GraphDef,
     params: Sequence[nnx.State],
@@ -491,63 +587,69 @@ def gcg_step(
     key: jax.Array,
     *,
     spec: StepSpec,
+    draft: tuple | None = None,
 ) -> dict[str, jax.Array]:
     """One GCG step for one behaviour: gradient, sampling, candidate losses, duplicate masking,
     top-M. Returns cur_loss (loss at ``ids_S``), top_ids [M, S], top_loss [M] (+inf = invalid),
-    top_hit [M] (all target tokens argmax-correct)."""
+    top_hit [M] (all target tokens argmax-correct). With ``spec.probe_size`` the losses come from
+    probe sampling with ``draft`` = (graphdef, params, cache) of the draft model, and the output
+    adds probe_rho (the Spearman agreement) and probe_filtered (f)."""
     mm = dict(use_mellowmax=spec.use_mellowmax, alpha=spec.mellowmax_alpha)
     cur_loss, grad = token_gradients(graphdef, params, cache, ids_S, layout, **mm)
     cand = sample_candidates(
         key, ids_S, grad, allowed_V, width=spec.padded_width, topk=spec.topk,
         n_replace=spec.n_replace, spread=spec.spread, spread_width=spec.width,
     )  # fmt: skip
-    if spec.buckets is not None and spec.spread:
-        loss_w, hit_w = bucketed_candidate_losses(
-            graphdef, params, cache, ids_S, cand, layout, order=spec.order,
-            buckets=spec.buckets, data_axes=spec.data_axes, **mm,
-        )  # fmt: skip
-        pad = spec.padded_width - spec.width  # padding rows are masked below; never evaluated
-        loss = jnp.concatenate([loss_w, jnp.full((pad,), jnp.inf, loss_w.dtype)])
-        hit = jnp.concatenate([hit_w, jnp.zeros((pad,), bool)])
-    elif spec.levels is not None:  # set only for random positions (``gcg_driver.step_spec``)
-        loss, hit = sorted_candidate_losses(
-            graphdef, params, cache, ids_S, cand, layout, chunk=spec.chunk, levels=spec.levels,
-            data_axes=spec.data_axes, **mm,
-        )  # fmt: skip
-    else:
-        loss, hit = candidate_losses(
-            graphdef, params, cache, cand, layout, chunk=spec.chunk, data_axes=spec.data_axes, **mm
-        )
     idx = jnp.arange(spec.padded_width)
     same = jnp.all(cand[:, None, :] == cand[None, :, :], axis=-1)
     dup = jnp.any(same & (idx[None, :] < idx[:, None]), axis=-1)
     dup |= jnp.all(cand == ids_S[None], axis=-1)
-    loss = jnp.where(dup | (idx >= spec.width) | ~jnp.isfinite(loss), jnp.inf, loss)
+    invalid = dup | (idx >= spec.width)
+    extra = {}
+    if spec.probe_size:
+        if draft is None:
+            raise ValueError("StepSpec.probe_size is set but no draft model was given")
+        loss, hit, rho, f = probe_candidate_losses(
+            graphdef, params, cache, draft, ids_S, cand, invalid, layout, key, spec=spec
+        )
+        extra = {"probe_rho": rho, "probe_filtered": f}
+    else:
+        loss, hit = _all_losses(graphdef, params, cache, ids_S, cand, layout, spec, mm)
+    loss = jnp.where(invalid | ~jnp.isfinite(loss), jnp.inf, loss)
     _, top = jax.lax.top_k(-loss, spec.top_m)
-    return {"cur_loss": cur_loss, "top_ids": cand[top], "top_loss": loss[top], "top_hit": hit[top]}
+    return {"cur_loss": cur_loss, "top_ids": cand[top], "top_loss": loss[top], "top_hit": hit[top],
+            **extra}  # fmt: skip
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "draft_graphdef"))
 def batched_gcg_step(
-    params, caches, ids_BxS, layouts, allowed_V, root_keys, step, *, graphdef, spec
-) -> dict[str, jax.Array]:
+    params, caches, ids_BxS, layouts, allowed_V, root_keys, step, draft_params=None,
+    draft_caches=None, *, graphdef, spec, draft_graphdef=None,
+) -> dict[str, jax.Array]:  # fmt: skip
     """``gcg_step`` for B behaviours (jitted): stacked batch-1 caches, suffixes [B, S], layouts
     and root keys (the step key is ``fold_in(root, step)``); outputs gain a leading B axis.
-    One behaviour runs unvmapped, so run-time reuse levels stay one ``lax.switch`` branch."""
+    One behaviour runs unvmapped, so run-time reuse levels (and probe sampling's compiled
+    filtered-set sizes) stay one ``lax.switch`` branch. Probe sampling: the draft's params and
+    its stacked batch-1 prefix caches (same token layout as the target's)."""
 
-    def one(cache, ids, layout, root):
+    def one(cache, ids, layout, root, d_cache):
         key = jax.random.fold_in(root, step)
-        return gcg_step(graphdef, params, cache, ids, layout, allowed_V, key, spec=spec)
+        draft = None if draft_graphdef is None else (draft_graphdef, draft_params, d_cache)
+        return gcg_step(
+            graphdef, params, cache, ids, layout, allowed_V, key, spec=spec, draft=draft
+        )
 
     if ids_BxS.shape[0] == 1:  # one behaviour: no vmap, so run-time reuse levels stay a branch
         squeeze = functools.partial(jax.tree.map, lambda x: x[0])
-        out = one(squeeze(caches), ids_BxS[0], squeeze(layouts), root_keys[0])
+        d_cache = None if draft_caches is None else squeeze(draft_caches)
+        out = one(squeeze(caches), ids_BxS[0], squeeze(layouts), root_keys[0], d_cache)
         return jax.tree.map(lambda x: x[None], out)
-    if spec.levels is not None:
+    if spec.levels is not None or len(spec.filter_sizes) > 1:
         raise ValueError(
-            "StepSpec.levels needs one behaviour per step (see sorted_candidate_losses)"
+            "StepSpec.levels and several probe filter sizes need one behaviour per step (see "
+            "sorted_candidate_losses, probe_candidate_losses)"
         )
-    return jax.vmap(one)(caches, ids_BxS, layouts, root_keys)
+    return jax.vmap(one)(caches, ids_BxS, layouts, root_keys, draft_caches)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "rest_len"))

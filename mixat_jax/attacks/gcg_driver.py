@@ -9,7 +9,9 @@ buffer's best suffix, accepts the best of the step's top-M candidates that retok
 full prompt (``gcg_filters``; ``filter_mode="harmbench"``: the best of all candidates that pass
 HarmBench's suffix-alone check, or the overall best when none passes), offers it to the buffer, and runs the optional HarmBench refusal
 check (greedy completion without a refusal substring: stop); ``GCGRun.results`` gives one
-``GCGResult`` per behaviour. This module imports ``gcg``; ``gcg`` never imports it.
+``GCGResult`` per behaviour. Probe sampling (``cfg.probe_draft``, issue #14): ``start_run``
+resolves the draft (``gcg_probe.resolve_draft``) and computes its prefix caches once.
+This module imports ``gcg``; ``gcg`` never imports it.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from mixat_jax.attacks.gcg_filters import (
     slot_prompt,
 )
 from mixat_jax.attacks.gcg_presets import GCGConfig
+from mixat_jax.attacks.gcg_probe import filter_plan, resolve_draft
 from mixat_jax.chat import ChatRenderer
 from mixat_jax.judges.refusal import refusal_substrings
 from mixat_jax.sampling import TextGenerator
@@ -86,6 +89,9 @@ class GCGResult:
     final_string: str = ""  # the last step's suffix (HarmBench/MixAT use the last one)
     final_test_case: str = ""
     all_filtered_steps: int = 0  # filter_mode="harmbench": steps where every candidate failed
+    # probe sampling: per step, the Spearman agreement and the filtered-set size f
+    probe_rho: list[float] = dataclasses.field(default_factory=list)
+    probe_filtered: list[int] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {"best_ids": list(self.best_ids)}
@@ -174,6 +180,14 @@ def step_spec(
         else:
             levels = None
     n_chunks = -(-w // chunk)
+    probe = {}
+    if cfg.probe_draft:
+        granule = n_dev if data_axes else 1
+        n_p = w // cfg.probe_sampling_factor
+        switch = cfg.probe_filter == "switch" and n_behaviors == 1
+        sizes = filter_plan(w, cfg.probe_r, cfg.probe_filter_sizes if switch else 1, granule)
+        probe = dict(probe_size=n_p, probe_r=float(cfg.probe_r), filter_sizes=sizes,
+                     probe_pad=round_up(n_p, granule))  # fmt: skip
     return StepSpec(
         width=w,
         chunk=chunk,
@@ -188,6 +202,7 @@ def step_spec(
         order=order,
         buckets=buckets,
         levels=levels,
+        **probe,
     )
 
 
@@ -252,6 +267,8 @@ class Trajectory:
     stopped: bool = False  # early stop (every target token argmax, or no refusal)
     steps_run: int = 0
     all_filtered: int = 0  # steps where every candidate failed HarmBench's filter (all kept)
+    probe_rho: list[float] = dataclasses.field(default_factory=list)
+    probe_filtered: list[int] = dataclasses.field(default_factory=list)
 
 
 def _top_m(cfg: GCGConfig) -> int:
@@ -290,6 +307,10 @@ class GCGRun:
     step_seconds: list[float] = dataclasses.field(default_factory=list)
     step_executable: Callable | None = None
     generator: TextGenerator | None = None
+    # probe sampling: the draft's graphdef, params and prefix caches (None = off)
+    draft_graphdef: nnx.GraphDef | None = None
+    draft_params: tuple[nnx.State, ...] | None = None
+    draft_caches: Cache | None = None
 
     @property
     def done(self) -> bool:
@@ -318,11 +339,12 @@ class GCGRun:
         t0 = time.perf_counter()
         cur = self.put(np.asarray([buf.best[1] for buf in self.buffers], np.int32))
         args = (self.params, self.caches, cur, self.layouts, self.allowed_V, self.root_keys,
-                self.put(np.int32(step)))  # fmt: skip
+                self.put(np.int32(step)), self.draft_params, self.draft_caches)  # fmt: skip
         if self.step_executable is None:
-            self.step_executable, c_s = compile_cached(
-                batched_gcg_step, args, dict(graphdef=self.graphdef, spec=self.spec)
+            static = dict(
+                graphdef=self.graphdef, spec=self.spec, draft_graphdef=self.draft_graphdef
             )
+            self.step_executable, c_s = compile_cached(batched_gcg_step, args, static)
             self.compile_seconds += c_s
             t0 = time.perf_counter()
         out = jax.device_get(self.step_executable(*args))
@@ -360,6 +382,9 @@ class GCGRun:
             chosen = first
             track.all_filtered += first is not None
         accepted = chosen is not None and buf.offer(chosen[0], chosen[1])
+        if "probe_rho" in out:
+            track.probe_rho.append(float(out["probe_rho"][b]))
+            track.probe_filtered.append(int(out["probe_filtered"][b]))
         loss_now, ids_now = buf.best
         if cfg.accept_worse and accepted:
             loss_now, ids_now = chosen[0], chosen[1]
@@ -408,6 +433,8 @@ class GCGRun:
                     final_string=track.strings[-1] if track.strings else "",
                     final_test_case=q.slots.test_case(tok, buf.best[1]),
                     all_filtered_steps=track.all_filtered,
+                    probe_rho=track.probe_rho,
+                    probe_filtered=track.probe_filtered,
                 )
             )
         return results
@@ -422,10 +449,11 @@ def start_run(
     *,
     seed: int | Sequence[int] = 0,
     mesh: Mesh | None = None,
+    draft: tuple | None = None,
 ) -> GCGRun:
     """Validates the behaviours, computes their prefix caches and returns the run before its
     first step (buffers hold the init suffix, loss unknown). Call inside ``jax.set_mesh(mesh)``
-    when ``mesh`` is given. ``seed`` as in ``run_gcg_batch``."""
+    when ``mesh`` is given. ``seed`` and ``draft`` as in ``run_gcg_batch``."""
     behaviors, targets = list(behaviors), list(targets)
     if not behaviors or len(behaviors) != len(targets):
         raise ValueError(
@@ -435,6 +463,7 @@ def start_run(
     seeds = [seed + i for i in range(len(behaviors))] if isinstance(seed, int) else list(seed)
     if len(seeds) != len(behaviors):
         raise ValueError(f"got {len(seeds)} seeds for {len(behaviors)} behaviours")
+    resolved = resolve_draft(cfg, model, tokenizer, draft, mesh)  # bad draft: fail first
     renderer = ChatRenderer(tokenizer)
     problems = [
         prepare_problem(renderer, b, t, cfg, i)
@@ -471,11 +500,22 @@ def start_run(
         batched_prefix_cache, pargs, dict(graphdef=graphdef, rest_len=host.rest_len)
     )
     caches = exe(*pargs)
+    d_graphdef = d_params = d_caches = None
+    if resolved is not None:
+        draft_model, _ = resolved
+        d_graphdef, *d_params = nnx.split(draft_model)
+        d_params = tuple(d_params)
+        dargs = (d_params, *pargs[1:])
+        exe, c_s = compile_cached(
+            batched_prefix_cache, dargs, dict(graphdef=d_graphdef, rest_len=host.rest_len)
+        )
+        d_caches, compile_s = exe(*dargs), compile_s + c_s
     return GCGRun(
         cfg=cfg, spec=spec, renderer=renderer, model=model, problems=problems, seeds=seeds,
         allowed_host_V=allowed, graphdef=graphdef, params=params, put=put, caches=caches,
         layouts=layouts, allowed_V=allowed_dev, root_keys=root_keys, buffers=buffers,
-        tracks=tracks, compile_seconds=compile_s,
+        tracks=tracks, compile_seconds=compile_s, draft_graphdef=d_graphdef,
+        draft_params=d_params, draft_caches=d_caches,
     )  # fmt: skip
 
 
@@ -489,16 +529,21 @@ def run_gcg_batch(
     seed: int | Sequence[int] = 0,
     mesh: Mesh | None = None,
     progress: Callable[[StepReport], None] | None = None,
+    draft: tuple | None = None,
 ) -> list[GCGResult]:
     """Attacks several behaviours in one compiled step per GCG step (vmapped, padded).
 
     ``seed`` is one int (behaviour i uses seed + i) or one per behaviour; behaviour i with seed s
-    samples exactly the candidates a single-behaviour run with seed s would."""
+    samples exactly the candidates a single-behaviour run with seed s would. Probe sampling
+    (``cfg.probe_draft``): ``draft`` = (draft model, its tokenizer) overrides the draft the
+    config names (``gcg_probe.resolve_draft``); it must share the target's tokenizer."""
     cfg = cfg or GCGConfig()
     behaviors, targets = list(behaviors), list(targets)
     ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     with ctx:
-        run = start_run(model, tokenizer, behaviors, targets, cfg, seed=seed, mesh=mesh)
+        run = start_run(
+            model, tokenizer, behaviors, targets, cfg, seed=seed, mesh=mesh, draft=draft
+        )
         if cfg.buffer_size > 1:
             run.init_buffers()
         for step in range(cfg.num_steps):
@@ -522,11 +567,20 @@ def run_gcg(
     seed: int = 0,
     mesh: Mesh | None = None,
     progress: Callable[[StepReport], None] | None = None,
+    draft: tuple | None = None,
 ) -> GCGResult:
     """GCG against ``model`` (its current, possibly LoRA-adapted, parameters) for one behaviour.
 
     ``behavior`` may contain ``{optim_str}`` to place the adversarial string; otherwise it is
     appended after a space. ``progress`` receives a ``StepReport`` after every step."""
     return run_gcg_batch(
-        model, tokenizer, [behavior], [target], cfg, seed=[seed], mesh=mesh, progress=progress
+        model,
+        tokenizer,
+        [behavior],
+        [target],
+        cfg,
+        seed=[seed],
+        mesh=mesh,
+        progress=progress,
+        draft=draft,
     )[0]

@@ -31,6 +31,7 @@ import dataclasses
 
 POSITIONS = ("random", "spread")
 FILTER_MODES = ("topm", "harmbench")
+PROBE_FILTERS = ("mask", "switch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,21 @@ class GCGConfig:
     reuse_suffix_prefix: bool = True
     prefix_buckets: int = 4
     reuse_levels: int = 8
+    # Probe sampling (Zhao et al. 2024; nanoGCG 0.3.0 ProbeSamplingConfig; ``gcg_probe``), off
+    # while ``probe_draft`` is "": a draft sharing the target's tokenizer (a local model
+    # directory / GGUF file, or "@target" = the attacked model) scores every candidate, the
+    # target a probe set of search_width // probe_sampling_factor and the draft's best
+    # max(1, floor((1 - alpha) * search_width / probe_r)) (alpha = (1 + Spearman rho) / 2).
+    # ``probe_draft_layers`` > 0 keeps the draft's first N layers (a truncated-layer draft).
+    # ``probe_filter``: the data-dependent filtered set as a "mask" over its largest size or
+    # "switch" between ``probe_filter_sizes`` compiled sizes (one behaviour per call; with
+    # several behaviours the step is vmapped and uses the mask).
+    probe_draft: str = ""
+    probe_draft_layers: int = 0
+    probe_r: float = 8.0
+    probe_sampling_factor: int = 16
+    probe_filter: str = "switch"  # measured faster (bench/gcg_probe_vs_nanogcg.py, issue #14)
+    probe_filter_sizes: int = 4
 
     def __post_init__(self):
         positive = ("num_steps", "search_width", "topk", "n_replace", "filter_topm", "eval_steps")
@@ -102,6 +118,23 @@ class GCGConfig:
             raise ValueError(
                 "GCGConfig.prefix_buckets and reuse_levels must be >= 1, got "
                 f"{self.prefix_buckets} and {self.reuse_levels}"
+            )
+        if self.probe_filter not in PROBE_FILTERS:
+            raise ValueError(
+                f"GCGConfig.probe_filter must be one of {PROBE_FILTERS}, got {self.probe_filter!r}"
+            )
+        if self.probe_r <= 0 or self.probe_sampling_factor < 1 or self.probe_filter_sizes < 1:
+            raise ValueError(
+                "GCGConfig.probe_r must be > 0 and probe_sampling_factor, probe_filter_sizes >= 1"
+            )
+        if self.probe_draft_layers < 0:
+            raise ValueError(
+                f"GCGConfig.probe_draft_layers must be >= 0, got {self.probe_draft_layers}"
+            )
+        if self.probe_draft and self.search_width // self.probe_sampling_factor < 2:
+            raise ValueError(
+                f"probe sampling needs search_width // probe_sampling_factor >= 2 (a probe set "
+                f"to rank); got {self.search_width} // {self.probe_sampling_factor}"
             )
         if self.max_seq_len < 2 or self.length_multiple < 1:
             raise ValueError("GCGConfig.max_seq_len must be >= 2 and length_multiple >= 1")

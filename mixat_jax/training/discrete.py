@@ -92,7 +92,8 @@ class DiscreteRewriter:
       pool: the PAP pool (required when the schedule has PAP flags).
       gcg: GCG settings (the MixAT preset is HarmBench GCG, 100 steps); without a
         ``system_prompt`` of its own it takes the renderer's (the run's), so GCG optimises the
-        same rendered context as the trained row.
+        same rendered context as the trained row. Probe sampling (``probe_draft``, e.g.
+        ``"@target"`` with ``probe_draft_layers``) uses the current model as the draft.
       should_abort: polled after every GCG step of every behaviour; True raises
         :class:`RewriteAborted`. With several processes it must return the same value on every
         process (the loop passes the collective ``PreemptionFlag.agree``; all processes poll at
