@@ -65,6 +65,13 @@ def main(argv) -> int:
 
         run_dat_demo(config, workdir)
         return 0
+    if is_demo and config.demo.get("kind", "mixat") == "real":
+        # configs/real/*.py: a pretrained model measured, MixAT-trained, measured (demo/real_run.py)
+        # lazy: the pipeline loads only once flags are valid
+        from mixat_jax.demo.real_run import run_real
+
+        run_real(config, workdir)
+        return 0
     if is_demo:  # configs/demo.py: measure, train, measure (mixat_jax/demo/run.py)
         # lazy: the pipeline loads only once flags are valid
         from mixat_jax.demo.run import run_demo
