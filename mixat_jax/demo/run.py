@@ -27,12 +27,18 @@ import ml_collections
 import numpy as np
 
 from mixat_jax import cli as cli_lib
+from mixat_jax.demo import statistics as stats
 from mixat_jax.demo.base import build_base, shipped_base_dir
 from mixat_jax.evaluation import pipeline
 from mixat_jax.evaluation.run_config import base_config
 from mixat_jax.sampling import TextGenerator
 from mixat_jax.training import loop
-from mixat_jax.training.synthetic import is_correct, safety_world
+from mixat_jax.training.synthetic import (
+    demo_heldout_behaviors,
+    heldout_benign,
+    is_correct,
+    safety_world,
+)
 
 ATTACKS = ("DirectRequest", "HumanJailbreaks", "GCG", "Continuous")
 
@@ -104,6 +110,7 @@ def eval_config(
             "topk": int(demo.gcg_topk),
             "optim_str_init": str(demo.gcg_suffix),
             "behaviors_per_run": 8,
+            "early_stop": bool(demo.get("gcg_early_stop", False)),
             "check_refusal": False,
             "max_seq_len": 256,
         }
@@ -136,6 +143,7 @@ def benign_accuracy(
     return {
         "accuracy": float(np.mean(ok)),
         "n": len(items),
+        "correct": [int(c) for c in ok],  # per question, in world["eval_benign"] order
         "examples": [
             {"question": it.question, "completion": o, "correct": c}
             for it, o, c in list(zip(items, outs, ok, strict=True))[:12]
@@ -162,19 +170,51 @@ def measure(
         "alo_asr": alo["alo_asr"],
         "asr": alo["asr"],
         "ci95": alo["ci95"],
+        "success": stats.behavior_success(alo),  # behaviour id -> max_a s_a(b)
         "utility": util,
         "seconds": time.time() - t0,
     }
 
 
-def train_variant(config, variant: str, model: Path, out: Path) -> Path:
+def demo_world(config) -> dict[str, Any]:
+    """The synthetic world with the demo's held-out sets: `demo.heldout_phrasings` phrasings of
+    each of the 4 held-out topics (4 x 8 = 32 behaviours by default) and every held-out benign
+    question (`demo.benign_questions="all"`, 224) or safety_world's subsample (`"subsample"`, 47)."""
+    demo, seed = config.demo, int(config.data.synthetic_seed)
+    world = dict(safety_world(seed))
+    world["eval_behaviors"] = demo_heldout_behaviors(seed, int(demo.get("heldout_phrasings", 2)))
+    which = str(demo.get("benign_questions", "subsample"))
+    if which not in ("all", "subsample"):
+        raise ValueError(f"demo.benign_questions must be 'all' or 'subsample'; got {which!r}")
+    if which == "all":
+        world["eval_benign"] = heldout_benign(seed)
+    return world
+
+
+def seed_config(config, index: int):
+    """The run config for training seed `index` (0 = the config as given): `seed` and
+    `data.interleave_seed` both shifted by `index`, so LoRA init, attack dropout/noise keys and
+    the utility rows in the mixture and their order all change with the seed."""
     c = ml_collections.ConfigDict(config.to_dict())
-    del c["demo"]
+    c.seed = int(config.seed) + index
+    c.data.interleave_seed = int(config.data.interleave_seed) + index
+    return c
+
+
+def run_name(variant: str, index: int, num_seeds: int) -> str:
+    """Stage name of one trained model: the variant, plus `_seed<i>` when several seeds run."""
+    return variant if num_seeds == 1 else f"{variant}_seed{index}"
+
+
+def train_variant(config, variant: str, model: Path, out: Path, name: str | None = None) -> Path:
+    c = ml_collections.ConfigDict(config.to_dict())
+    if "demo" in c:
+        del c["demo"]
     c.model = str(model)
     c.variant = variant
     if variant == "cat":
         c.discrete.schedule = "none"
-    wd = out / f"train_{variant}"
+    wd = out / f"train_{name or variant}"
     log(f"training {variant} ({c.steps} steps) in {wd}")
     status = loop.run(c, wd)
     if status != "finished":
@@ -206,6 +246,16 @@ def plot_training(plt, training: dict[str, dict[str, list[float]]], path: Path) 
     plt.close(fig)
 
 
+def ci_cell(stat: dict[str, Any]) -> str:
+    return f"{stat['value']:.2f} [{stat['ci95'][0]:.2f}, {stat['ci95'][1]:.2f}]"
+
+
+def seed_cell(summary: dict[str, Any]) -> str:
+    return (
+        f"{summary['mean']:.2f} ± {summary['std']:.2f} [{summary['min']:.2f}, {summary['max']:.2f}]"
+    )
+
+
 def write_report(out: Path, report: dict[str, Any]) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# MixAT demo: synthetic safety world", ""]
@@ -214,12 +264,48 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         f"benign eval questions: {report['num_benign']}; ASR judge: {report['asr_judge']}; "
         f"utility (benign accuracy) judge: {report['utility_judge']}.",
         "",
-        "| model | ALO-ASR | " + " | ".join(f"ASR {a}" for a in ATTACKS) + " | benign accuracy |",
-        "|---|---|" + "---|" * len(ATTACKS) + "---|",
+        "| model | ALO-ASR | " + " | ".join(f"ASR {a}" for a in ATTACKS) + " | benign accuracy "
+        "| ALO-ASR drop [95% CI] | utility retention [95% CI] |",
+        "|---|---|" + "---|" * len(ATTACKS) + "---|---|---|",
     ]
     for name, m in report["models"].items():
         asr = " | ".join("-" if m["asr"].get(a) is None else f"{m['asr'][a]:.2f}" for a in ATTACKS)
-        lines.append(f"| {name} | {m['alo_asr']:.2f} | {asr} | {m['utility']['accuracy']:.2f} |")
+        st = m.get("stats", {})
+        drop = ci_cell(st["alo_asr_drop"]) if "alo_asr_drop" in st else "-"
+        ret = ci_cell(st["utility_retention"]) if "utility_retention" in st else "-"
+        lines.append(
+            f"| {name} | {m['alo_asr']:.2f} | {asr} | {m['utility']['accuracy']:.2f} | {drop} "
+            f"| {ret} |"
+        )
+    if "alo_asr_drop" in report:
+        d, r = report["alo_asr_drop"], report["utility_retention"]
+        lines += [
+            "",
+            f"{report['trained_model']}: ALO-ASR drop (before - after) {ci_cell(d)}, paired "
+            f"bootstrap over the {d['n']} held-out behaviours; utility retention (benign accuracy "
+            f"after / before) {ci_cell(r)}, paired bootstrap over the {r['n']} benign questions "
+            f"({r['before']:.3f} -> {r['after']:.3f}).",
+        ]
+    summaries = report.get("variants", {})
+    if any(len(v["runs"]) > 1 for v in summaries.values()):
+        lines += [
+            "",
+            "Per variant over training seeds "
+            + ", ".join(str(x) for x in report["seeds"])
+            + ": mean ± std (sample std, ddof=1) [min, max].",
+            "",
+            "| variant | seeds | ALO-ASR | benign accuracy | ALO-ASR drop | utility retention |",
+            "|---|---|---|---|---|---|",
+        ]
+        for v, sm in summaries.items():
+            cells = " | ".join(
+                seed_cell(sm[k])
+                for k in ("alo_asr", "utility", "alo_asr_drop", "utility_retention")
+            )
+            lines.append(f"| {v} | {len(sm['runs'])} | {cells} |")
+    if report.get("stage_seconds"):
+        lines += ["", "Stage times (s): " + ", ".join(
+            f"{k} {v:.0f}" for k, v in report["stage_seconds"].items())]  # fmt: skip
     lines += ["", f"Total time: {report['seconds']:.0f} s.", ""]
     (out / "report.md").write_text("\n".join(lines))
     try:
@@ -255,12 +341,44 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         log(f"plotting failed ({e}); report.json and report.md are complete")
 
 
+def model_statistics(base: dict, trained: dict, n_bootstrap: int) -> dict[str, Any]:
+    """Paired bootstrap CIs of one trained model against the base (same behaviours/questions)."""
+    return {
+        "alo_asr_drop": stats.alo_asr_drop(
+            base["success"], trained["success"], n_bootstrap=n_bootstrap
+        ),
+        "utility_retention": stats.utility_retention(
+            base["utility"]["correct"], trained["utility"]["correct"], n_bootstrap=n_bootstrap
+        ),
+    }
+
+
+def variant_summary(models: dict[str, dict], names: list[str]) -> dict[str, Any]:
+    """Mean / std / min / max over a variant's seeds of ALO-ASR, benign accuracy, the drop and
+    the retention (the per-seed values are in `models`)."""
+
+    def pick(fn):
+        return stats.seed_summary([fn(models[n]) for n in names])
+
+    return {
+        "runs": names,
+        "alo_asr": pick(lambda m: m["alo_asr"]),
+        "utility": pick(lambda m: m["utility"]["accuracy"]),
+        "alo_asr_drop": pick(lambda m: m["stats"]["alo_asr_drop"]["value"]),
+        "utility_retention": pick(lambda m: m["stats"]["utility_retention"]["value"]),
+        "asr": {a: pick(lambda m, a=a: m["asr"][a]) for a in ATTACKS},
+    }
+
+
 def run_demo(config, workdir: str | Path | None = None) -> dict[str, Any]:
     demo = config.demo
     out = Path(workdir or demo.workdir)
+    num_seeds = int(demo.get("seeds", 1))
+    if num_seeds < 1:
+        raise ValueError(f"demo.seeds must be >= 1; got {num_seeds}")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    world = safety_world(int(config.data.synthetic_seed))
+    world = demo_world(config)
     base = None if demo.rebuild_base else shipped_base_dir()
     if base is None:
         base = out / "base"
@@ -272,21 +390,44 @@ def run_demo(config, workdir: str | Path | None = None) -> dict[str, Any]:
     log(f"base model {base}")
     files = write_world(world, out / "world")
     variants = [v.strip() for v in str(demo.variants).split(",") if v.strip()]
+    n_boot = int(demo.n_bootstrap)
+    stages: dict[str, float] = {}
+    t = time.time()
     models = {"base": measure("base", demo, base, None, world, files, out)}
-    training = {}
+    stages["eval_base"] = round(time.time() - t, 1)
+    training, runs = {}, {}
     for v in variants:
-        adapter = train_variant(config, v, base, out)
-        training[v] = training_curve(out / f"train_{v}")
-        models[v] = measure(v, demo, base, adapter, world, files, out)
-    first = variants[0] if variants else "base"
+        runs[v] = []
+        for i in range(num_seeds):
+            name = run_name(v, i, num_seeds)
+            t = time.time()
+            adapter = train_variant(seed_config(config, i), v, base, out, name)
+            stages[f"train_{name}"] = round(time.time() - t, 1)
+            training[name] = training_curve(out / f"train_{name}")
+            t = time.time()
+            models[name] = measure(name, demo, base, adapter, world, files, out)
+            stages[f"eval_{name}"] = round(time.time() - t, 1)
+            models[name]["seed"] = int(config.seed) + i
+            models[name]["stats"] = model_statistics(models["base"], models[name], n_boot)
+            runs[v].append(name)
+    first = runs[variants[0]][0] if variants else "base"
+    after = models[first]
     report = {
         "alo_asr_before": models["base"]["alo_asr"],
-        "alo_asr_after": models[first]["alo_asr"],
+        "alo_asr_after": after["alo_asr"],
         "utility_before": models["base"]["utility"]["accuracy"],
-        "utility_after": models[first]["utility"]["accuracy"],
+        "utility_after": after["utility"]["accuracy"],
         "asr_before": models["base"]["asr"],
-        "asr_after": models[first]["asr"],
-        "trained_variant": first,
+        "asr_after": after["asr"],
+        "trained_variant": variants[0] if variants else "base",
+        "trained_model": first,
+    }
+    if variants:
+        report["alo_asr_drop"] = after["stats"]["alo_asr_drop"]
+        report["utility_retention"] = after["stats"]["utility_retention"]
+    report |= {
+        "seeds": [int(config.seed) + i for i in range(num_seeds)],
+        "variants": {v: variant_summary(models, runs[v]) for v in variants},
         "models": models,
         "training": training,
         "base_model": str(base),
@@ -294,11 +435,19 @@ def run_demo(config, workdir: str | Path | None = None) -> dict[str, Any]:
         "num_benign": len(world["eval_benign"]),
         "asr_judge": ASR_JUDGE,
         "utility_judge": UTILITY_JUDGE,
+        "stage_seconds": stages,
         "seconds": time.time() - t0,
     }
     write_report(out, report)
-    log(
+    msg = (
         f"ALO-ASR {report['alo_asr_before']:.2f} -> {report['alo_asr_after']:.2f}; benign accuracy "
-        f"{report['utility_before']:.2f} -> {report['utility_after']:.2f}; report in {out / 'report.md'}"
+        f"{report['utility_before']:.2f} -> {report['utility_after']:.2f}"
     )
+    if variants:
+        d, r = report["alo_asr_drop"], report["utility_retention"]
+        msg += (
+            f"; drop {d['value']:.2f} [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}], retention "
+            f"{r['value']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
+        )
+    log(f"{msg}; report in {out / 'report.md'}")
     return report
