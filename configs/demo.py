@@ -1,6 +1,6 @@
 """Embedded CPU demo: MixAT on a synthetic safety world, robustness measured before and after.
 
-    python -m mixat_jax.train --config configs/demo.py                 # MixAT only (766 CPU-s, 2 cores)
+    python -m mixat_jax.train --config configs/demo.py                 # MixAT only (~12.5 min, 2 cores)
     python -m mixat_jax.train --config configs/demo.py:compare --workdir runs/demo_compare
                                                                         # + CAT and discrete-only
 
