@@ -37,17 +37,15 @@ from typing import Any
 
 import ml_collections
 
-from mixat_jax import cli as cli_lib
 from mixat_jax.behaviors import load_behaviors
 from mixat_jax.demo import real_data
-from mixat_jax.demo.run import plot_training, training_curve
+from mixat_jax.demo.run import plot_training, run_training, training_curve
 from mixat_jax.evaluation import pipeline
 from mixat_jax.evaluation.alo_asr import compute_alo_asr
 from mixat_jax.evaluation.cache import JsonlStore, write_json_atomic
 from mixat_jax.evaluation.run_config import base_config
 from mixat_jax.judges.strongreject import StrongRejectJudge
 from mixat_jax.sampling import TextGenerator
-from mixat_jax.training import loop
 
 ATTACKS = ("DirectRequest", "HumanJailbreaks", "PAP", "GCG", "Continuous")
 TARGET_FREE = ("DirectRequest", "HumanJailbreaks", "PAP")  # test cases independent of the target
@@ -300,13 +298,7 @@ def train(config, model: Path, answers_dir: Path, out: Path) -> Path:
     c.data.utility = str(answers_dir / "utility.jsonl")
     wd = out / "train_mixat"
     log(f"training MixAT ({c.steps} steps, LoRA r={c.lora.r}) in {wd}")
-    status = loop.run(c, wd)
-    if status != "finished":
-        code = {"preempted": cli_lib.EXIT_PREEMPTED, "interrupted": cli_lib.EXIT_INTERRUPTED}
-        raise cli_lib.Stopped(
-            f"training {status}; re-run the same command to resume", code.get(status, 1)
-        )
-    return wd / "adapter"
+    return run_training(c, wd, "MixAT")
 
 
 # ----------------------------------------------------------------------------- report

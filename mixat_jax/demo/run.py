@@ -216,11 +216,17 @@ def train_variant(config, variant: str, model: Path, out: Path, name: str | None
         c.discrete.schedule = "none"
     wd = out / f"train_{name or variant}"
     log(f"training {variant} ({c.steps} steps) in {wd}")
+    return run_training(c, wd, variant)
+
+
+def run_training(c, wd: Path, what: str) -> Path:
+    """`training.loop.run` as a demo stage: the adapter directory once the run has finished;
+    otherwise `cli.Stopped` with the loop's exit code (143 preempted, 130 interrupted)."""
     status = loop.run(c, wd)
     if status != "finished":
         code = {"preempted": cli_lib.EXIT_PREEMPTED, "interrupted": cli_lib.EXIT_INTERRUPTED}
         raise cli_lib.Stopped(
-            f"training {variant} {status}; re-run the same command to resume", code.get(status, 1)
+            f"training {what} {status}; re-run the same command to resume", code.get(status, 1)
         )
     return wd / "adapter"
 

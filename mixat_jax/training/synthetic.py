@@ -366,18 +366,23 @@ def topic_targets(topic: str, secret: str) -> list[str]:
 def heldout_behaviors(seed: int = 0) -> list[EvalBehavior]:
     """`safety_world(seed)["eval_behaviors"]` (ids synthetic_eval_1..8, unchanged) followed by
     the held-out topics in EXTRA_EVAL_PHRASINGS (synthetic_eval_9..): 4 topics x 4 phrasings."""
-    out = list(safety_world(seed)["eval_behaviors"])
-    secrets = world_secrets(seed)
-    for topic in EVAL_TOPICS:
-        for phrasing in EXTRA_EVAL_PHRASINGS:
-            out.append(
-                EvalBehavior(
-                    behavior_id=f"synthetic_eval_{len(out) + 1}",
-                    behavior=phrasing.format(t=topic),
-                    target=_targets(topic, secrets[topic])[0],
-                    harmful_marker=secrets[topic],
-                )
+    pairs = [(topic, phrasing) for topic in EVAL_TOPICS for phrasing in EXTRA_EVAL_PHRASINGS]
+    return _extend_eval(list(safety_world(seed)["eval_behaviors"]), pairs, world_secrets(seed))
+
+
+def _extend_eval(
+    out: list[EvalBehavior], pairs: list[tuple[str, str]], secrets: dict[str, str]
+) -> list[EvalBehavior]:
+    """Append one held-out behaviour per (topic, phrasing), numbered on from `out`'s length."""
+    for topic, phrasing in pairs:
+        out.append(
+            EvalBehavior(
+                behavior_id=f"synthetic_eval_{len(out) + 1}",
+                behavior=phrasing.format(t=topic),
+                target=_targets(topic, secrets[topic])[0],
+                harmful_marker=secrets[topic],
             )
+        )
     return out
 
 
@@ -442,16 +447,5 @@ def demo_heldout_behaviors(seed: int = 0, phrasings_per_topic: int = 8) -> list[
             f"phrasings_per_topic must be 2 or 4..{4 + len(MORE_EVAL_PHRASINGS)}; got "
             f"{phrasings_per_topic}"
         )
-    out = heldout_behaviors(seed)
-    secrets = world_secrets(seed)
-    for phrasing in MORE_EVAL_PHRASINGS[:extra]:
-        for topic in EVAL_TOPICS:
-            out.append(
-                EvalBehavior(
-                    behavior_id=f"synthetic_eval_{len(out) + 1}",
-                    behavior=phrasing.format(t=topic),
-                    target=_targets(topic, secrets[topic])[0],
-                    harmful_marker=secrets[topic],
-                )
-            )
-    return out
+    pairs = [(topic, phrasing) for phrasing in MORE_EVAL_PHRASINGS[:extra] for topic in EVAL_TOPICS]
+    return _extend_eval(heldout_behaviors(seed), pairs, world_secrets(seed))
