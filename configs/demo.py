@@ -1,6 +1,6 @@
 """Embedded CPU demo: MixAT on a synthetic safety world, robustness measured before and after.
 
-    python -m mixat_jax.train --config configs/demo.py                 # MixAT only (~12.5 min, 2 cores)
+    python -m mixat_jax.train --config configs/demo.py                 # MixAT only (~7 min, 2 cores)
     python -m mixat_jax.train --config configs/demo.py:compare --workdir runs/demo_compare
                                                                         # + CAT and discrete-only
 
@@ -46,8 +46,8 @@ def get_config(arg=None):
         "benign_questions": "all",
         # evaluation budgets (per held-out behaviour)
         "max_new_tokens": 16,
-        "gcg_steps": 40,
-        "gcg_width": 128,
+        "gcg_steps": 20,
+        "gcg_width": 64,
         "gcg_topk": 64,
         "gcg_suffix": "! ! ! ! ! !",
         # stop a behaviour's GCG once every target token is the argmax (greedy decoding then

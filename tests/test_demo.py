@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from mixat_jax.demo import statistics as stats
@@ -89,7 +90,11 @@ def test_demo_runs_end_to_end_and_reports_measured_numbers(tmp_path):
     assert rep["num_behaviors"] == len(base["success"]) == 8 and rep["num_benign"] == 224
     drop = rep["alo_asr_drop"]
     assert drop["value"] == pytest.approx(rep["alo_asr_before"] - rep["alo_asr_after"])
-    assert drop == stats.alo_asr_drop(base["success"], mixat["success"], n_bootstrap=50)
+    topics = {b.behavior_id: b.harmful_marker for b in S.demo_heldout_behaviors(0, 2)}
+    assert drop == stats.alo_asr_drop(
+        base["success"], mixat["success"], n_bootstrap=50, clusters=topics
+    )
+    assert drop["n_clusters"] == 4 and drop["ci95_clustered"][0] <= drop["value"]
     ret = rep["utility_retention"]
     assert ret["value"] == pytest.approx(rep["utility_after"] / rep["utility_before"])
     assert ret == stats.utility_retention(
@@ -144,6 +149,21 @@ def test_demo_statistics_paired_bootstrap_and_seed_summary():
     assert same["value"] == 0.0 and same["ci95"] == [0.0, 0.0]  # paired: no spurious spread
     with pytest.raises(ValueError, match="different behaviours"):
         stats.alo_asr_drop(before, {"x": 1}, n_bootstrap=10)
+    # topic-clustered CI: one behaviour per cluster = the behaviour bootstrap (same draws) ...
+    single = stats.alo_asr_drop(before, after, n_bootstrap=500, clusters={b: b for b in before})
+    assert single["ci95_clustered"] == d["ci95"] and single["n_clusters"] == 20
+    # ... while 4 topics whose behaviours all move together give a wider CI than treating the 20
+    # as independent (the clustered percentiles also equal a direct resampling of the topics)
+    topic = {f"b{i}": f"t{i % 4}" for i in range(20)}
+    after_t = {b: int(topic[b] == "t0") for b in before}  # topic t0 still broken, others fixed
+    c = stats.alo_asr_drop(before, after_t, n_bootstrap=500, clusters=topic)
+    idx = np.random.default_rng(0).integers(0, 4, size=(500, 4))
+    direct = np.percentile(np.array([1.0 - 1.0, 1.0, 1.0, 1.0])[idx].mean(axis=1), [2.5, 97.5])
+    assert c["value"] == pytest.approx(0.75) and c["n_clusters"] == 4
+    assert c["ci95_clustered"] == pytest.approx(list(direct))
+    assert c["ci95_clustered"][1] - c["ci95_clustered"][0] > c["ci95"][1] - c["ci95"][0]
+    with pytest.raises(ValueError, match="no cluster"):
+        stats.alo_asr_drop(before, after, n_bootstrap=10, clusters={"b0": "t"})
     # retention = accuracy after / before over the same questions
     b = [1] * 40 + [0] * 60
     a = [1] * 36 + [0] * 64

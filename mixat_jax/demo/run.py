@@ -288,7 +288,14 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         lines += [
             "",
             f"{report['trained_model']}: ALO-ASR drop (before - after) {ci_cell(d)}, paired "
-            f"bootstrap over the {d['n']} held-out behaviours; utility retention (benign accuracy "
+            f"bootstrap over the {d['n']} held-out behaviours"
+            + (
+                f" (resampling whole topics instead, {d['n_clusters']} clusters: "
+                f"[{d['ci95_clustered'][0]:.2f}, {d['ci95_clustered'][1]:.2f}])"
+                if "ci95_clustered" in d
+                else ""
+            )
+            + f"; utility retention (benign accuracy "
             f"after / before) {ci_cell(r)}, paired bootstrap over the {r['n']} benign questions "
             f"({r['before']:.3f} -> {r['after']:.3f}).",
         ]
@@ -347,11 +354,14 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         log(f"plotting failed ({e}); report.json and report.md are complete")
 
 
-def model_statistics(base: dict, trained: dict, n_bootstrap: int) -> dict[str, Any]:
-    """Paired bootstrap CIs of one trained model against the base (same behaviours/questions)."""
+def model_statistics(
+    base: dict, trained: dict, n_bootstrap: int, clusters: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Paired bootstrap CIs of one trained model against the base (same behaviours/questions);
+    `clusters` (behaviour id -> topic) adds the topic-clustered CI of the drop."""
     return {
         "alo_asr_drop": stats.alo_asr_drop(
-            base["success"], trained["success"], n_bootstrap=n_bootstrap
+            base["success"], trained["success"], n_bootstrap=n_bootstrap, clusters=clusters
         ),
         "utility_retention": stats.utility_retention(
             base["utility"]["correct"], trained["utility"]["correct"], n_bootstrap=n_bootstrap
@@ -397,6 +407,8 @@ def run_demo(config, workdir: str | Path | None = None) -> dict[str, Any]:
     files = write_world(world, out / "world")
     variants = [v.strip() for v in str(demo.variants).split(",") if v.strip()]
     n_boot = int(demo.n_bootstrap)
+    # a held-out behaviour's topic = its secret (one per topic): the drop's clustered CI
+    topics = {b.behavior_id: b.harmful_marker for b in world["eval_behaviors"]}
     stages: dict[str, float] = {}
     t = time.time()
     models = {"base": measure("base", demo, base, None, world, files, out)}
@@ -414,7 +426,7 @@ def run_demo(config, workdir: str | Path | None = None) -> dict[str, Any]:
             models[name] = measure(name, demo, base, adapter, world, files, out)
             stages[f"eval_{name}"] = round(time.time() - t, 1)
             models[name]["seed"] = int(config.seed) + i
-            models[name]["stats"] = model_statistics(models["base"], models[name], n_boot)
+            models[name]["stats"] = model_statistics(models["base"], models[name], n_boot, topics)
             runs[v].append(name)
     first = runs[variants[0]][0] if variants else "base"
     after = models[first]

@@ -3,6 +3,9 @@
 * ALO-ASR drop = mean_b [s(b) before - s(b) after], s(b) = max_a s_a(b) (MixAT spec §8.1), with a
   percentile-bootstrap CI that resamples *behaviours* and uses the same resample for both models
   (paired: the two measurements are of the same behaviours).
+  Behaviours that share a topic are not independent, so the drop also gets a *cluster* bootstrap
+  CI that resamples whole topics (clusters) with replacement (`ci95_clustered`); with few topics it
+  is wide and coarse, which is the honest statement of what the demo can tell.
 * Utility retention = accuracy after / accuracy before on the same benign questions, with a
   percentile-bootstrap CI that resamples *questions*, paired in the same way.
 * Seed summaries: mean, sample standard deviation (ddof = 1), min and max over training seeds.
@@ -56,9 +59,17 @@ def paired_bootstrap(
 
 
 def alo_asr_drop(
-    before: Mapping[str, int], after: Mapping[str, int], *, n_bootstrap: int, seed: int = 0
+    before: Mapping[str, int],
+    after: Mapping[str, int],
+    *,
+    n_bootstrap: int,
+    seed: int = 0,
+    clusters: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """ALO-ASR before - after over the same behaviours (dicts behaviour id -> 0/1)."""
+    """ALO-ASR before - after over the same behaviours (dicts behaviour id -> 0/1).
+
+    `clusters` (behaviour id -> cluster key, e.g. its topic) adds `ci95_clustered`: a percentile
+    CI from resampling whole clusters with replacement (same seed)."""
     if set(before) != set(after):
         raise ValueError("the two evaluations measured different behaviours; pass the same set")
     ids = sorted(before)
@@ -69,7 +80,23 @@ def alo_asr_drop(
         n_bootstrap=n_bootstrap,
         seed=seed,
     )
-    return {"value": value, "ci95": ci, "n": len(ids), "resampled": "behaviours (paired)"}
+    out = {"value": value, "ci95": ci, "n": len(ids), "resampled": "behaviours (paired)"}
+    if clusters is not None:
+        missing = [b for b in ids if b not in clusters]
+        if missing:
+            raise ValueError(f"behaviours {missing[:3]} have no cluster; give every behaviour one")
+        keys = sorted({clusters[b] for b in ids})
+        diff_K = np.zeros(len(keys))
+        count_K = np.zeros(len(keys))
+        for b in ids:
+            k = keys.index(clusters[b])
+            diff_K[k] += before[b] - after[b]
+            count_K[k] += 1
+        idx_RxK = np.random.default_rng(seed).integers(0, len(keys), size=(n_bootstrap, len(keys)))
+        drops_R = diff_K[idx_RxK].sum(axis=1) / count_K[idx_RxK].sum(axis=1)
+        lo, hi = np.percentile(drops_R, [2.5, 97.5])
+        out |= {"ci95_clustered": [float(lo), float(hi)], "n_clusters": len(keys)}
+    return out
 
 
 def utility_retention(
