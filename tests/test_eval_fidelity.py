@@ -142,6 +142,36 @@ def test_changed_judge_model_rejudges(tiny, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------- sampling
 
 
+def test_gcg_probe_draft_is_keyed_by_content(tiny, tmp_path):
+    """GCG probe sampling's draft model is a helper model: a new draft in the same directory
+    invalidates the GCG test cases, and the report lists the draft's content fingerprint."""
+    from mixat_jax.evaluation.fingerprints import attack_fingerprint, model_fingerprints
+    from mixat_jax.evaluation.run_config import resolve
+
+    draft = tmp_path / "draft"
+    shutil.copytree(tiny, draft)
+    cfg = _cfg(tiny, attacks="GCG")
+    cfg.attack.GCG.probe_draft = str(draft)
+
+    def fps():
+        res = resolve(cfg, tmp_path / "o")
+        (plan,) = [p for p in res.plans if p.kind == "GCG"]
+        return attack_fingerprint(res, plan), model_fingerprints(res)
+
+    fp1, models1 = fps()
+    assert models1["probe_draft_GCG"]["sha256"] != ""
+    hf = json.loads((draft / "config.json").read_text())
+    hf["rms_norm_eps"] = hf.get("rms_norm_eps", 1e-5) * 0.5  # same path, new content
+    (draft / "config.json").write_text(json.dumps(hf))
+    fp2, models2 = fps()
+    assert (
+        fp2 != fp1 and models2["probe_draft_GCG"]["sha256"] != models1["probe_draft_GCG"]["sha256"]
+    )
+    cfg.attack.GCG.probe_draft = "@target"  # the target's own fingerprint covers it
+    fp3, models3 = fps()
+    assert "probe_draft_GCG" not in models3 and fp3 not in (fp1, fp2)
+
+
 def test_top_k_draws_only_the_k_highest_logits():
     from mixat_jax.sampling import sample_logits
 

@@ -61,6 +61,9 @@ def model_fingerprints(res: Resolved) -> dict[str, dict[str, Any]]:
         paths["judge"] = str(c.model) if c.judge_model == TARGET_ALIAS else str(c.judge_model)
     if any(p.spec.diffusion for p in res.plans):
         paths["diffusion_model"] = str(c.diffusion_model)
+    for p in res.plans:
+        if probe_draft_path(p):
+            paths[f"probe_draft_{p.name}"] = probe_draft_path(p)
     uj = c.utility_judge
     if uj.kind == "model" and (c.xstest or c.harmless):
         paths["utility_judge"] = str(c.model) if uj.model == TARGET_ALIAS else str(uj.model)
@@ -92,7 +95,17 @@ def attack_fingerprint(res: Resolved, plan: AttackPlan) -> str:
         payload["max_new_tokens"] = int(c.max_new_tokens)
     if plan.spec.diffusion:
         payload["diffusion_model"] = model_id(res, str(c.diffusion_model))
+    draft = probe_draft_path(plan)
+    if draft:  # GCG probe sampling's draft model: keyed by content like every other model
+        payload["probe_draft"] = res.content.model(draft)["sha256"]
     return fingerprint(payload)
+
+
+def probe_draft_path(plan: AttackPlan) -> str:
+    """The local draft model of a GCG plan with probe sampling ("" when off or `@target`, whose
+    content the target's fingerprint already covers)."""
+    draft = str(getattr(plan.settings.get("cfg"), "probe_draft", "") or "")
+    return "" if draft in ("", TARGET_ALIAS) else draft
 
 
 def generation_fingerprint(res: Resolved, plan: AttackPlan) -> str:
