@@ -14,11 +14,19 @@ directory (its first ``--draft_layers`` layers, same tokenizer), written next to
 nanoGCG probe, ours probe (mask), ours probe (switch) — the same prompt, target, seed, width,
 top-k, steps; per-step time = median (ours, after the first step) / mean after the first
 (nanoGCG) per round, ratios per round. Ours is compiled before the first round.
-``--mode ttl``: per seed, the four configurations run ``--steps`` steps; the threshold is the
-largest of the runs' best losses (every run reaches it); time to loss = wall time from the start
-of the attack call until the best loss first drops to the threshold (ours warm: compiled before;
-its compile seconds are reported separately). Median over seeds per configuration; the ratio is
-nanoGCG's fastest over ours' fastest. Writes ``OUT/gcg_probe_<mode>[_<tag>].json``.
+``--mode ttl``: a grid ``--widths`` x {plain, probe} on both sides (same top-k, n_replace 1,
+steps, prompt, target, init); per seed every configuration of both sides runs once (interleaved);
+the threshold is the largest of all runs' best losses (every run reaches it); time to loss = wall
+time from the start of the attack call until the best loss first drops to the threshold. Median
+over seeds per configuration; each side's fastest configuration is compared. Ours in-process is
+compiled beforehand (its compile seconds are reported); with ``--regimes`` ours' fastest
+configuration also runs in fresh processes (``--worker``): cold (compiled inside the call) and
+warm (loaded from JAX's persistent compilation cache, ``mixat_jax.attack.enable_compilation_cache``,
+filled by one earlier process). ``--adapter DIR`` merges a PEFT LoRA adapter into
+``--model_dir`` (``merged_dir``: ``hf.export.save_merged``, logits checked against ours with the
+adapter unmerged) and both sides attack the merged model; ``--prompt/--target/--optim_str_init``
+set the behaviour. The ratio is nanoGCG's fastest over ours' fastest. Writes
+``OUT/gcg_probe_<mode>[_<tag>].json``.
 """
 
 from __future__ import annotations
@@ -76,11 +84,14 @@ def truncated_dir(src: Path, n_layers: int) -> Path:
     return dst
 
 
-def run_peer(args, model_dir: Path, seed: int, draft: Path | None, steps: int) -> dict:
+def run_peer(
+    args, model_dir: Path, seed: int, draft: Path | None, steps: int, width: int = 0
+) -> dict:
     cmd = [
         args.peer_python, str(Path(__file__).with_name("nanogcg_peer.py")), "--model",
-        str(model_dir), "--prompt", PROMPT, "--target", TARGET, "--steps", str(steps),
-        "--search_width", str(args.search_width), "--topk", str(args.topk), "--seed", str(seed),
+        str(model_dir), "--prompt", args.prompt, "--target", args.target, "--steps", str(steps),
+        "--search_width", str(width or args.search_width), "--topk", str(args.topk),
+        "--seed", str(seed), "--optim_str_init", args.optim_str_init,
         "--threads", str(args.threads), "--r", str(args.r),
         "--sampling_factor", str(args.sampling_factor),
     ]  # fmt: skip
@@ -101,9 +112,11 @@ class Ours:
         from mixat_jax.attacks.gcg_presets import preset
         from mixat_jax.hf.load import load_pretrained
 
+        self.args = args
         self.model, self.tok = load_pretrained(model_dir, dtype="float32")
         self.base = preset(
-            "nanogcg", optim_str_init=INIT, search_width=args.search_width, topk=args.topk,
+            "nanogcg", optim_str_init=args.optim_str_init, search_width=args.search_width,
+            topk=args.topk,
             batch_size=args.batch_size or None,
         )  # fmt: skip
         self.probe = self.base.replace(
@@ -111,18 +124,18 @@ class Ours:
             probe_sampling_factor=args.sampling_factor,
         )  # fmt: skip
 
-    def cfg(self, name: str):
-        if name == "plain":
-            return self.base
-        return self.probe.replace(probe_filter=name.split("_")[1])  # probe_mask | probe_switch
+    def cfg(self, name: str, width: int = 0):
+        c = self.base if name == "plain" else self.probe.replace(probe_filter=name.split("_")[1])
+        return c.replace(search_width=width) if width else c  # probe_mask | probe_switch
 
-    def run(self, name: str, seed: int, steps: int) -> dict:
+    def run(self, name: str, seed: int, steps: int, width: int = 0) -> dict:
         from mixat_jax.attacks.gcg_driver import run_gcg
 
         stamps = []
+        cfg = self.cfg(name, width).replace(num_steps=steps)
         t0 = time.perf_counter()
-        r = run_gcg(self.model, self.tok, PROMPT, TARGET, self.cfg(name).replace(num_steps=steps),
-                    seed=seed, progress=lambda rep: stamps.append(time.perf_counter() - t0))  # fmt: skip
+        r = run_gcg(self.model, self.tok, self.args.prompt, self.args.target, cfg, seed=seed,
+                    progress=lambda rep: stamps.append(time.perf_counter() - t0))  # fmt: skip
         return r.to_json() | {"seconds_total": time.perf_counter() - t0, "step_end": stamps}
 
 
@@ -182,33 +195,140 @@ def mode_step(args, ours, model_dir, draft_dir) -> dict:
     }  # fmt: skip
 
 
+def merged_dir(base: Path, adapter: Path) -> tuple[Path, dict]:
+    """``base`` with the PEFT ``adapter`` folded in (W + (alpha/r) B A per target module) by the
+    package's own ``hf.export.save_merged``, written once under /tmp; checked by comparing the
+    merged HF model's logits (torch, transformers) with ours (base + adapter, unmerged)."""
+    import hashlib
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mixat_jax.hf.export import save_merged
+    from mixat_jax.hf.load import load_pretrained
+
+    h = hashlib.sha1()
+    for f in sorted(adapter.iterdir()):
+        h.update(f.name.encode() + f.read_bytes())
+    dst = Path(f"/tmp/mixat_bench_merged_{base.name}_{h.hexdigest()[:10]}")
+    model, tok = load_pretrained(base, dtype="float32", adapter=adapter)
+    if not (dst / "config.json").exists():
+        save_merged(model, dst)  # weights + config; the base's tokenizer files verbatim
+        for f in base.iterdir():
+            if f.is_file() and f.name != "config.json" and f.suffix != ".safetensors":
+                shutil.copy(f, dst / f.name)
+    ids = np.random.default_rng(0).integers(6, model.cfg.vocab_size, (2, 24)).astype(np.int32)
+    ours = np.asarray(model(ids))
+    hf = AutoModelForCausalLM.from_pretrained(str(dst), torch_dtype=torch.float32)
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    base_model, _ = load_pretrained(base, dtype="float32")
+    diff = float(np.abs(ours - theirs).max())
+    check = {"max_abs_logit_diff_merged_hf_vs_ours_with_adapter": diff,
+             "max_abs_logit_diff_base_vs_ours_with_adapter":
+                 float(np.abs(np.asarray(base_model(ids)) - ours).max())}  # fmt: skip
+    if diff > 1e-3:
+        sys.exit(f"merged model disagrees with base + adapter: max |logit diff| {diff}")
+    return dst, check
+
+
+def worker_cmd(args, model_dir: Path, draft_dir: Path, name: str, width: int, seed: int,
+               cache: str) -> list[str]:  # fmt: skip
+    return [
+        sys.executable, __file__, "--peer_python", args.peer_python, "--model_dir", str(model_dir),
+        "--draft_layers", str(args.draft_layers), "--topk", str(args.topk), "--r", str(args.r),
+        "--sampling_factor", str(args.sampling_factor), "--prompt", args.prompt,
+        "--target", args.target, "--optim_str_init", args.optim_str_init,
+        "--steps", str(args.steps), "--worker", f"{name}:{width}:{seed}:{cache}",
+    ]  # fmt: skip
+
+
+def run_worker(args, model_dir: Path, draft_dir: Path) -> None:
+    """One of our runs in this fresh process: the compile happens inside the call (cold, or
+    loaded from the persistent cache when one is given); prints one JSON line."""
+    name, width, seed, cache = args.worker.split(":", 3)
+    if cache:
+        from mixat_jax.attack import enable_compilation_cache
+
+        enable_compilation_cache(cache)
+    ours = Ours(args, model_dir, draft_dir)
+    print(json.dumps(ours.run(name, int(seed), args.steps, int(width))))
+
+
+def run_fresh(cmd: list[str]) -> dict:
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        sys.exit(f"worker failed: {out.stderr.strip().splitlines()[-3:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def mode_ttl(args, ours, model_dir, draft_dir) -> dict:
+    """Grid: search width x {plain, probe} on both sides, seeds interleaved (per seed every
+    configuration of both sides runs once, alternating peer/ours); ours in-process precompiled.
+    Then ours' fastest configuration again in fresh processes: cold (no cache) and warm (the
+    persistent compilation cache, filled beforehand by one more fresh process)."""
     probe = f"probe_{args.probe_filters.split(',')[0]}"
-    names = ["plain", probe]
-    compile_s = {n: ours.run(n, args.seeds[0], 1)["compile_seconds"] for n in names}
-    runs = {k: [] for k in ("peer_plain", "peer_probe", "ours_plain", "ours_probe")}
+    configs = [(k, w) for w in args.widths for k in ("plain", "probe")]
+    compile_s = {}
+    for k, w in configs:
+        compile_s[f"{k}_{w}"] = ours.run("plain" if k == "plain" else probe, args.seeds[0], 1,
+                                         w)["compile_seconds"]  # fmt: skip
+    runs = {f"{side}_{k}_{w}": [] for side in ("peer", "ours") for k, w in configs}
+    loads = []
     for seed in args.seeds:
-        runs["peer_plain"].append(run_peer(args, model_dir, seed, None, args.steps))
-        runs["ours_plain"].append(ours.run("plain", seed, args.steps))
-        runs["peer_probe"].append(run_peer(args, model_dir, seed, draft_dir, args.steps))
-        runs["ours_probe"].append(ours.run(probe, seed, args.steps))
-        print(f"seed {seed}: " + ", ".join(f"{k} best {v[-1]['best_loss']:.3f} in "
-              f"{v[-1]['seconds_total']:.1f}s" for k, v in runs.items()),
-              file=sys.stderr, flush=True)  # fmt: skip
+        loads.append(os.getloadavg()[0])
+        for k, w in configs:
+            runs[f"peer_{k}_{w}"].append(
+                run_peer(args, model_dir, seed, draft_dir if k == "probe" else None, args.steps, w)
+            )
+            runs[f"ours_{k}_{w}"].append(
+                ours.run("plain" if k == "plain" else probe, seed, args.steps, w)
+            )
+        print(f"seed {seed}: " + ", ".join(f"{k} {v[-1]['best_loss']:.3f}/{v[-1]['seconds_total']:.1f}s"
+              for k, v in runs.items()), file=sys.stderr, flush=True)  # fmt: skip
+    loads.append(os.getloadavg()[0])
     threshold = max(min(r["losses"]) for rs in runs.values() for r in rs)
     ttl = {k: [first_below(r["step_end"], r["losses"], threshold) for r in rs]
            for k, rs in runs.items()}  # fmt: skip
     med = {k: statistics.median(v) for k, v in ttl.items()}
-    peer_best = min(("peer_plain", "peer_probe"), key=med.get)
-    ours_best = min(("ours_plain", "ours_probe"), key=med.get)
+    peer_best = min((k for k in med if k.startswith("peer")), key=med.get)
+    ours_best = min((k for k in med if k.startswith("ours")), key=med.get)
+    _, kind, width = ours_best.split("_")
+    name = "plain" if kind == "plain" else probe
+    regimes = {}
+    if args.regimes:
+        cache = Path(args.cache_dir) / f"{model_dir.name}_{name}_{width}"
+        shutil.rmtree(cache, ignore_errors=True)
+        fill = run_fresh(worker_cmd(args, model_dir, draft_dir, name, int(width), args.seeds[0],
+                                    str(cache)))  # fmt: skip
+        cold, warm = [], []
+        for seed in args.seeds:
+            cold.append(
+                run_fresh(worker_cmd(args, model_dir, draft_dir, name, int(width), seed, ""))
+            )
+            warm.append(run_fresh(worker_cmd(args, model_dir, draft_dir, name, int(width), seed,
+                                             str(cache))))  # fmt: skip
+        loads.append(os.getloadavg()[0])
+        for label, rs in (("cold", cold), ("warm_cache", warm)):
+            t = [first_below(r["step_end"], r["losses"], threshold) for r in rs]
+            regimes[label] = {
+                "time_to_loss_seconds": t, "median": statistics.median(t),
+                "compile_seconds_in_call": [r["compile_seconds"] for r in rs],
+                "best_losses": [r["best_loss"] for r in rs],
+                "ratio": med[peer_best] / statistics.median(t),
+            }  # fmt: skip
+        regimes["cache_fill_compile_seconds"] = fill["compile_seconds"]
+        regimes["cache_files"] = sum(1 for _ in cache.rglob("*") if _.is_file())
+    regimes["in_process_precompiled"] = {"median": med[ours_best],
+                                         "ratio": med[peer_best] / med[ours_best]}  # fmt: skip
     return {
         "threshold": threshold, "time_to_loss_seconds": ttl, "median": med,
         "fastest_peer": peer_best, "fastest_ours": ours_best,
-        "ratio": med[peer_best] / med[ours_best],
-        "ratio_if_ours_compiles_in_the_call": med[peer_best] / (
-            med[ours_best] + compile_s["plain" if ours_best == "ours_plain" else probe]),
-        "ours_compile_seconds": compile_s,
+        "ratio": med[peer_best] / med[ours_best], "regimes": regimes,
+        "ours_compile_seconds": compile_s, "load_1m_per_seed_and_after": loads,
         "best_losses": {k: [r["best_loss"] for r in rs] for k, rs in runs.items()},
+        "first_losses": {k: [r["losses"][0] for r in rs] for k, rs in runs.items()},
         "seconds_total": {k: [r["seconds_total"] for r in rs] for k, rs in runs.items()},
     }  # fmt: skip
 
@@ -218,6 +338,14 @@ def main() -> None:
     p.add_argument("--peer_python", required=True)
     p.add_argument("--mode", choices=("step", "ttl"), default="step")
     p.add_argument("--model_dir", default="")
+    p.add_argument("--adapter", default="", help="PEFT adapter dir merged into --model_dir")
+    p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--target", default=TARGET)
+    p.add_argument("--optim_str_init", default=INIT)
+    p.add_argument("--widths", default="", help="ttl grid: search widths (default --search_width)")
+    p.add_argument("--regimes", action="store_true", help="ttl: also cold / warm-cache processes")
+    p.add_argument("--cache_dir", default="/tmp/mixat_bench_xla_cache")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--tiny_dir", default="/tmp/mixat_bench_gcg_model")
     p.add_argument("--draft_layers", type=int, default=1)
     p.add_argument("--out", default="bench/results")
@@ -239,19 +367,29 @@ def main() -> None:
     )
     args = p.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.widths = [int(w) for w in (args.widths or str(args.search_width)).split(",")]
     if not Path(args.peer_python).exists():
         sys.exit(f"error: {args.peer_python} does not exist")
     model_dir = Path(args.model_dir) if args.model_dir else build_tiny(Path(args.tiny_dir))
+    merge_check = None
+    if args.adapter:
+        model_dir, merge_check = merged_dir(model_dir, Path(args.adapter))
     draft_dir = truncated_dir(model_dir, args.draft_layers)
+    if args.worker:
+        return run_worker(args, model_dir, draft_dir)
+    uptime = [subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()]
     ours = Ours(args, model_dir, draft_dir)
     result = (mode_step if args.mode == "step" else mode_ttl)(args, ours, model_dir, draft_dir)
+    uptime.append(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     cpu = next((ln.split(":", 1)[1].strip() for ln in
                 subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
                 if ln.startswith("Model name")), "?")  # fmt: skip
     result = {"mode": args.mode, "cpu": cpu, "model_dir": str(model_dir), "draft_dir": str(draft_dir),
               "steps": args.steps, "search_width": args.search_width, "topk": args.topk,
               "r": args.r, "sampling_factor": args.sampling_factor, "seeds": args.seeds,
-              **result}  # fmt: skip
+              "widths": args.widths, "prompt": args.prompt, "target": args.target,
+              "optim_str_init": args.optim_str_init, "adapter": args.adapter,
+              "merge_check": merge_check, "uptime_before_after": uptime, **result}  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"gcg_probe_{args.mode}{'_' + args.tag if args.tag else ''}.json"

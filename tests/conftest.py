@@ -2,10 +2,15 @@
 
 import os
 
+from tests.fast_compile import FAST_COMPILE_XLA_FLAGS  # fast XLA:CPU compiles (see there)
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+    flags += " --xla_force_host_platform_device_count=8"
+if "xla_backend_optimization_level" not in flags:
+    flags += f" {FAST_COMPILE_XLA_FLAGS}"
+os.environ["XLA_FLAGS"] = flags.strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -10,13 +10,16 @@ import sys
 import pytest
 
 from mixat_jax.training import synthetic
+from tests.fast_compile import FAST_COMPILE_XLA_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The full demo runs DirectRequest, HumanJailbreaks, GCG, Continuous and Inpainting; the test
-# keeps two (the other three are the MixAT demo's, tested by tests/test_demo.py) to stay fast.
+# keeps two (the other three are the MixAT demo's, tested by tests/test_demo.py) to stay fast,
+# and trains with 2 attack iterations instead of 10 (the same lax.scan, a shorter loop).
 ATTACKS = ["DirectRequest", "Inpainting"]
 SMALL = [
-    "--config.steps=4", "--config.checkpoint_every=2", "--config.demo.gcg_steps=2",
+    "--config.steps=4", "--config.checkpoint_every=2", "--config.attack.iters=2",
+    "--config.demo.gcg_steps=2",
     "--config.demo.gcg_width=16", "--config.demo.gcg_topk=16",
     "--config.demo.continuous_iters=2", "--config.demo.num_templates=2",
     "--config.demo.max_new_tokens=8", "--config.demo.n_bootstrap=50",
@@ -27,7 +30,7 @@ SMALL = [
 
 
 def run_demo(wd, extra=()):
-    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": ""}
+    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": FAST_COMPILE_XLA_FLAGS}
     cmd = [sys.executable, "-m", "mixat_jax.train", "--config", "configs/dat_demo.py",
            "--workdir", str(wd), *SMALL, *extra]  # fmt: skip
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

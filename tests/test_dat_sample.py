@@ -28,6 +28,7 @@ import pytest
 from mixat_jax.behaviors import Behavior
 from mixat_jax.dat import draws, selection, shards, stage_a
 from mixat_jax.dat import sample_config as sc
+from tests.fast_compile import FAST_COMPILE_XLA_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
@@ -54,8 +55,9 @@ def cache(tmp_path_factory) -> Path:
 
 def _env(cache: Path, devices: int = 1, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIXAT_JAX_")}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}" if devices > 1
-               else "", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false",
+    xla = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
+    env.update(XLA_FLAGS=f"{xla} {FAST_COMPILE_XLA_FLAGS}".strip(), JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false",
                JAX_COMPILATION_CACHE_DIR=str(cache / "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **extra)  # fmt: skip

@@ -31,6 +31,7 @@ from mixat_jax.training import data as D
 from mixat_jax.training import run_config as rc
 from mixat_jax.training import step_metrics
 from mixat_jax.training.stream import EpochStream, load_rows
+from tests.fast_compile import FAST_COMPILE_XLA_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,8 +210,8 @@ def test_rules_and_two_process_data_parallel_step():
 
     # two processes x 2 simulated devices, started first (they run while this process compiles)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIXAT_JAX_")}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT), MIXAT_JAX_DISTRIBUTED="1",
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE_XLA_FLAGS}",
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), MIXAT_JAX_DISTRIBUTED="1",
                MIXAT_JAX_COORDINATOR=f"127.0.0.1:{_free_port()}", MIXAT_JAX_NUM_PROCESSES="2")  # fmt: skip
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "data_parallel_case.py")],
                               cwd=ROOT, env={**env, "MIXAT_JAX_PROCESS_ID": str(i)},

@@ -11,6 +11,7 @@ import pytest
 from mixat_jax.demo import statistics as stats
 from mixat_jax.training import synthetic as S
 from mixat_jax.training.synthetic import is_correct
+from tests.fast_compile import FAST_COMPILE_XLA_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,9 +32,10 @@ def test_demo_runs_end_to_end_and_reports_measured_numbers(tmp_path):
         "--config.demo.gcg_width=16", "--config.demo.gcg_topk=16",
         "--config.demo.continuous_iters=2", "--config.demo.num_templates=2",
         "--config.demo.max_new_tokens=8", "--config.demo.n_bootstrap=50",
-        "--config.demo.heldout_phrasings=2",
+        "--config.demo.heldout_phrasings=2", "--config.attack.iters=2",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "", "PYTHONHASHSEED": "1",
+    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": FAST_COMPILE_XLA_FLAGS,
+           "PYTHONHASHSEED": "1",
            # shared persistent compilation cache: the determinism re-run below compiles nothing
            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fast_compile import FAST_COMPILE_XLA_FLAGS
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 SCRIPTS = [LAUNCH / "tpu_vm.sh", LAUNCH / "xpk.sh", LAUNCH / "slurm_gpu.sbatch", LAUNCH / "lib.sh"]
@@ -346,7 +348,7 @@ def test_slurm_script_starts_the_real_entry_point_as_one_rank(tmp_path):
     }
     env.update({"PATH": f"{bindir}:{env['PATH']}", "SLURM_JOB_ID": "31337", "SLURM_SUBMIT_DIR": str(ROOT),
                 "SLURM_JOB_NUM_NODES": "1", "SLURM_GPUS_ON_NODE": "1", "SLURM_CPUS_ON_NODE": "2",
-                "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "VENV": str(Path(sys.executable).parents[1]),
+                "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE_XLA_FLAGS, "VENV": str(Path(sys.executable).parents[1]),
                 "CONFIG": "configs/tiny.py:sft", "WORKDIR": str(tmp_path / "run"),
                 "EXTRA_ARGS": "--config.steps=1", "HF_HOME": str(tmp_path / "hf"),
                 "ENV_VARS": "MIXAT_TEST_MARK=42"})  # fmt: skip

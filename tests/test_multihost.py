@@ -41,17 +41,25 @@ import numpy as np
 import pytest
 
 from mixat_jax import cli
+from tests.fast_compile import FAST_COMPILE_XLA_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
 NUM_PROCESSES = 2
 
 
-def _env(devices: int = 1, **extra: str) -> dict[str, str]:
+def _env(cache: Path, devices: int = 1, **extra: str) -> dict[str, str]:
+    """The children's environment. Every run of the test shares ``xla/`` next to the tiny-model
+    ``cache``: a persistent XLA compilation cache of every program (however fast its compile), so
+    the resumed run loads what the preempted run compiled. A cached executable is the same binary,
+    so the exact comparison below is unchanged."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIXAT_JAX_")}
     xla = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
+    xla = f"{xla} {FAST_COMPILE_XLA_FLAGS}".strip()
     env.update(XLA_FLAGS=xla, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               TOKENIZERS_PARALLELISM="false", **extra)  # fmt: skip
+               TOKENIZERS_PARALLELISM="false", JAX_COMPILATION_CACHE_DIR=str(cache.parent / "xla"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **extra)  # fmt: skip
     return env
 
 
@@ -108,7 +116,7 @@ def _run_multihost(
     procs = []
     try:
         for i in range(NUM_PROCESSES):
-            env = _env(MIXAT_JAX_DISTRIBUTED="1", MIXAT_JAX_COORDINATOR=coordinator,
+            env = _env(cache, MIXAT_JAX_DISTRIBUTED="1", MIXAT_JAX_COORDINATOR=coordinator,
                        MIXAT_JAX_NUM_PROCESSES=str(NUM_PROCESSES), MIXAT_JAX_PROCESS_ID=str(i),
                        PREEMPT_AT_STEP="1", PREEMPT_PROCESS="1")  # fmt: skip
             procs.append(subprocess.Popen(
@@ -143,7 +151,7 @@ def _losses(workdir: Path) -> list[tuple[int, float, float]]:
 def test_preemption_of_one_process_stops_both_and_resume_equals_uninterrupted(tmp_path):
     cache = tmp_path / "tiny"
     single = subprocess.run(_cmd(tmp_path / "single", cache, data=NUM_PROCESSES), cwd=ROOT,
-                            env=_env(devices=NUM_PROCESSES), capture_output=True, text=True,
+                            env=_env(cache, devices=NUM_PROCESSES), capture_output=True, text=True,
                             timeout=TIMEOUT_S)  # fmt: skip
     assert single.returncode == 0, single.stderr[-3000:]
 

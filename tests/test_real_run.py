@@ -14,6 +14,7 @@ import pytest
 from configs.real import smollm2_mixat
 from mixat_jax.demo import real_data
 from tests import hf_builders
+from tests.fast_compile import FAST_COMPILE_XLA_FLAGS
 from tests.test_gguf import write_gguf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ def tiny_gguf(tmp_path_factory) -> pathlib.Path:
 
 def _run(model: pathlib.Path, wd: pathlib.Path) -> subprocess.CompletedProcess:
     """The README command at the `:tiny` budgets (one host device, as a user runs it)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": FAST_COMPILE_XLA_FLAGS}
     cmd = [sys.executable, "-m", "mixat_jax.train", "--config",
            "configs/real/smollm2_mixat.py:tiny", "--workdir", str(wd), f"--config.model={model}",
            *[f"--config.demo.{k}={v}" for k, v in TRIM.items()]]  # fmt: skip

@@ -24,6 +24,7 @@ from etils.epath import backend as epath_backend
 from fsspec.implementations.local import LocalFileSystem
 
 from mixat_jax import cli, storage
+from tests.fast_compile import FAST_COMPILE_XLA_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 URL = "gs://bucket/run"
@@ -161,7 +162,7 @@ def test_training_run_with_gs_workdir_writes_everything_through_the_url(tmp_path
     bucket.mkdir()
     cwd.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIXAT_JAX_")}
-    env.update(XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+    env.update(XLA_FLAGS=FAST_COMPILE_XLA_FLAGS, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
                TOKENIZERS_PARALLELISM="false", FAKE_GCS_ROOT=str(bucket),
                FAKE_GCS_RECORD=str(record))  # fmt: skip
     cmd = [sys.executable, "-c", "import tests.test_storage as t; t.child_main()",
