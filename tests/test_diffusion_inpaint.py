@@ -2,6 +2,11 @@
 layout, fixed batch shapes, seeds, special-token suppression, mesh == no mesh, Dream's leading
 known token, one-line errors. The CLI is tested in test_diffusion_inpaint_cli."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -21,6 +26,7 @@ from tests.diffusion_helpers import (
 )
 
 RESPONSES = ["abc", "hgfedcba", "bad"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +74,12 @@ def test_inpaint_seeds_shapes_and_suppression(model, tok):
     assert len({s.token_ids for samples in a for s in samples}) > 3
 
 
-def test_mesh_equals_single_device(tok):
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+def mesh_equals_single_device() -> None:
+    """Sharded inpainting (data 2 x fsdp 2) gives the single-device samples."""
     # Two different programs (sharded vs not): token equality holds unless two candidates' scores
     # tie to within fp32 rounding, which a random 32-token model with small weights does at some
-    # seeds (equal confidences at step 0). Weights scaled ×6 give peaked logits without ties, so
-    # the comparison is exact on any CPU.
+    # seeds (equal confidences at step 0). Weights scaled ×6 give peaked logits without ties.
+    tok = char_tokenizer("abcdefgh")
     model = tiny_diffusion_model(vocab_size=32)
     state = nnx.state(model)
     nnx.update(model, jax.tree.map(lambda x: x * 6.0, state))
@@ -89,6 +94,23 @@ def test_mesh_equals_single_device(tok):
         [s.log_likelihood for x in single for s in x],
         rtol=1e-5,
     )
+
+
+def test_mesh_equals_single_device():
+    """Runs in a child at XLA:CPU's default backend optimisation level (the level users run):
+    the tests' own level 0 (tests/fast_compile.py) rounds the sharded and the single-device
+    program differently enough to flip one near-tie in the sampled tokens (seen in CI; levels 2
+    and 3 give equal tokens)."""
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=3",
+    )
+    code = "import tests.test_diffusion_inpaint as t; t.mesh_equals_single_device()"
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 def test_dream_style_model_gets_a_leading_known_token():
