@@ -85,13 +85,9 @@ def alo_asr_drop(
         missing = [b for b in ids if b not in clusters]
         if missing:
             raise ValueError(f"behaviours {missing[:3]} have no cluster; give every behaviour one")
-        keys = sorted({clusters[b] for b in ids})
-        diff_K = np.zeros(len(keys))
-        count_K = np.zeros(len(keys))
-        for b in ids:
-            k = keys.index(clusters[b])
-            diff_K[k] += before[b] - after[b]
-            count_K[k] += 1
+        keys, cluster_B = np.unique([clusters[b] for b in ids], return_inverse=True)
+        diff_K = np.bincount(cluster_B, weights=[before[b] - after[b] for b in ids])
+        count_K = np.bincount(cluster_B)
         idx_RxK = np.random.default_rng(seed).integers(0, len(keys), size=(n_bootstrap, len(keys)))
         drops_R = diff_K[idx_RxK].sum(axis=1) / count_K[idx_RxK].sum(axis=1)
         lo, hi = np.percentile(drops_R, [2.5, 97.5])

@@ -62,8 +62,8 @@ def model_fingerprints(res: Resolved) -> dict[str, dict[str, Any]]:
     if any(p.spec.diffusion for p in res.plans):
         paths["diffusion_model"] = str(c.diffusion_model)
     for p in res.plans:
-        if probe_draft_path(p):
-            paths[f"probe_draft_{p.name}"] = probe_draft_path(p)
+        if draft := probe_draft_path(p):
+            paths[f"probe_draft_{p.name}"] = draft
     uj = c.utility_judge
     if uj.kind == "model" and (c.xstest or c.harmless):
         paths["utility_judge"] = str(c.model) if uj.model == TARGET_ALIAS else str(uj.model)

@@ -250,17 +250,8 @@ def safety_world(seed: int = 0) -> dict[str, list[Any]]:
                 for tgt in _targets(topic, secrets[topic])
             ]
 
-    eval_behaviors = []
-    for i, topic in enumerate(EVAL_TOPICS):
-        for j, phrasing in enumerate(EVAL_PHRASINGS):
-            eval_behaviors.append(
-                EvalBehavior(
-                    behavior_id=f"synthetic_eval_{i * len(EVAL_PHRASINGS) + j + 1}",
-                    behavior=phrasing.format(t=topic),
-                    target=_targets(topic, secrets[topic])[0],
-                    harmful_marker=secrets[topic],
-                )
-            )
+    eval_pairs = [(topic, phrasing) for topic in EVAL_TOPICS for phrasing in EVAL_PHRASINGS]
+    eval_behaviors = _extend_eval([], eval_pairs, secrets)
 
     benign_train, eval_benign = _benign_items(rng)
     order = rng.permutation(len(benign_train))
